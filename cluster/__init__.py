@@ -1,0 +1,1 @@
+"""Cluster glue: Slurm scripts, launch environment, preemption/requeue, parallelism planner."""

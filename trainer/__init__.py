@@ -1,0 +1,1 @@
+"""Training: config, DeepSpeed engine, loop, progressive stages, EMA, checkpoints, metrics, tools."""

@@ -1,0 +1,338 @@
+"""The training loop: stages → micro-batches → DeepSpeed steps → EMA, metrics, checkpoints, samples.
+
+The loop owns no model maths: noise, timesteps and losses come from the objective, the network from
+``models``. What it owns is order and bookkeeping, so that a run stopped anywhere and resumed
+produces exactly the numbers an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint as ckpt
+from trainer.config import RunConfig, config_to_dict, save_config
+from trainer.data import ShardSet, load_vae, make_loader
+from trainer.distributed import all_reduce_max_flag, barrier
+from trainer.ema import EMA
+from trainer.lr_schedule import StageLRScheduler
+from trainer.metrics import JsonlSink, Metrics, NullSink
+from trainer.model_factory import architecture, build_model
+from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
+from trainer.seeding import rng_state, seed_everything, set_rng_state, step_generator
+from trainer.stages import Stage
+from trainer.topology import Topology
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[trainer] {msg}", flush=True)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, embeddings tables and other 1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embedding_table" in name or "norm" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def optimizer_config(cfg: RunConfig) -> dict:
+    # torch's AdamW (DeepSpeed's `torch_adam`): works on CPU and CUDA without compiling extensions.
+    return {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": [cfg.train.beta1, cfg.train.beta2],
+                                        "eps": cfg.train.eps, "weight_decay": cfg.train.weight_decay,
+                                        "torch_adam": True}}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds: dict, stages: list[Stage], shard_sets: list[ShardSet], topo: Topology,
+                 device: torch.device):
+        self.cfg, self.ds, self.stages, self.shard_sets, self.topo, self.device = cfg, ds, stages, shard_sets, topo, device
+        self.rank = dist.get_rank()
+        self.run_dir = cfg.run.dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.state = ckpt.TrainerState()
+        self.preempt = PreemptionFlag()
+        self.metrics = Metrics([])
+        self.last_log_time = time.time()
+        self.steps_since_log = 0
+        self.samples_since_log = 0
+        self.data_time = 0.0
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.topo.tensor * self.topo.pipeline) if self.topo.tensor * self.topo.pipeline > 1 else self.rank
+
+    def _is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        import deepspeed
+
+        from models.objectives import build_objective
+
+        cfg = self.cfg
+        first = self.shard_sets[0]
+        channels, size, _ = first.latent_shape
+        self.arch = architecture(cfg, in_channels=channels, input_size=size, num_classes=first.num_classes)
+        seed_everything(cfg.run.seed)
+        model = build_model(self.arch, grad_checkpoint=cfg.model.grad_checkpoint)
+        self.objective = build_objective(
+            cfg.objective.kind, noise_schedule=cfg.objective.noise_schedule,
+            diffusion_steps=cfg.objective.diffusion_steps, learn_sigma=cfg.model.learn_sigma,
+            flow_timesteps=cfg.objective.flow_timesteps, flow_logit_mean=cfg.objective.flow_logit_mean,
+            flow_logit_std=cfg.objective.flow_logit_std)
+        ds = dict(self.ds)
+        ds["optimizer"] = optimizer_config(cfg)
+        self.ds = ds
+        stages = self.stages
+        schedule, min_lr = cfg.train.lr_schedule, cfg.train.min_lr
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds,
+            lr_scheduler=lambda opt: StageLRScheduler(opt, stages, schedule, min_lr))
+        self.model = self.engine.module
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            from trainer.ds_config import save_ds_config
+
+            save_ds_config(ds, os.path.join(self.run_dir, "ds_config.json"))
+        barrier()
+        self._resume_or_init()
+        self.metrics = self._build_metrics()
+
+    def _build_metrics(self) -> Metrics:
+        if not self._is_logging_rank():
+            return Metrics([NullSink()])
+        sinks = [JsonlSink(self.run_dir)]
+        from trainer.wandb_sink import make_wandb_sink
+
+        wb = make_wandb_sink(self.cfg, self.run_dir, self.state)
+        if wb is not None:
+            sinks.append(wb)
+        return Metrics(sinks)
+
+    def _resume_or_init(self) -> None:
+        path = ckpt.find_resumable(self.ckpt_dir) if self.rank == 0 else None
+        if dist.get_world_size() > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        if path is not None:
+            saved = ckpt.read_trainer_state(path)
+            ckpt.check_model_config(saved.model_config, self.arch)
+            tag = os.path.basename(path)
+            self._set_stage_shape(self._stage_for_state(saved))
+            load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
+            rng = ckpt.load_rng_state(path, self.rank)
+            if rng is not None:
+                set_rng_state(rng)
+            self.state = saved
+            log0(f"resumed from {path} at step {saved.step} (stage {saved.stage})")
+        elif self.cfg.checkpoint.init_from:
+            src = self.cfg.checkpoint.init_from.rstrip("/")
+            problem = ckpt.verify_checkpoint(src)
+            if problem:
+                raise RuntimeError(f"checkpoint.init_from: {problem}")
+            self.engine.load_checkpoint(os.path.dirname(src), tag=os.path.basename(src), load_module_only=True,
+                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.ema.copy_from_model()
+            log0(f"initialised weights from {src} (optimizer and step start fresh)")
+        self.state.model_config = dict(self.arch)
+
+    def _stage_for_state(self, state: ckpt.TrainerState) -> Stage:
+        return self.stages[min(state.stage, len(self.stages) - 1)]
+
+    # ------------------------------------------------------------------ stages
+    def _set_stage_shape(self, stage: Stage) -> None:
+        shards = self.shard_sets[stage.index]
+        size = shards.latent_shape[1]
+        if hasattr(self.model, "set_input_size"):
+            self.model.set_input_size(size, interpolate=self.cfg.pe_interpolation)
+        self.engine.set_train_micro_batch_size(stage.micro_batch)
+        self.engine.set_train_batch_size(stage.global_batch)
+
+    def _enter_stage(self, stage: Stage):
+        self._set_stage_shape(stage)
+        if self.state.stage != stage.index:
+            self.state.stage = stage.index
+            self.state.data_batches = 0
+        shards = self.shard_sets[stage.index]
+        log0(f"stage {stage.index}: {stage.resolution} px (latent {shards.latent_shape}), steps "
+             f"{stage.start_step}..{stage.end_step}, global batch {stage.global_batch}, micro {stage.micro_batch}")
+        loader = make_loader(shards, batch_size=stage.micro_batch, dp_rank=self.dp_rank, dp_size=self.topo.data,
+                             seed=self.cfg.run.seed + 7919 * stage.index, num_workers=self.cfg.data.num_workers,
+                             shuffle_buffer=self.cfg.data.shuffle_buffer, resampled=self.cfg.data.resampled,
+                             start_batch=self.state.data_batches)
+        self.loader = loader
+        return iter(loader)
+
+    # ------------------------------------------------------------------ one step
+    def _micro_step(self, batch, micro: int) -> dict:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
+        y = y.to(self.device, non_blocking=True)  # (N,)
+        n = x.shape[0]
+        g = step_generator(self.cfg.run.seed, self.dp_rank, self.state.step, micro)
+        t = self.objective.sample_timesteps(n, generator=g).to(self.device)
+        noise = torch.randn(x.shape, generator=g).to(self.device)
+        drop = (torch.rand(n, generator=g) < self.arch["class_dropout_prob"]).long().to(self.device)
+        out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},
+                                             noise=noise)
+        loss = out["loss"].float().mean()
+        total = loss
+        if "moe" in self.arch:
+            total = total + self.arch["moe"]["aux_loss_coef"] * self.model.moe_aux_loss()
+        self.engine.backward(total)
+        self.engine.step()
+        return {"loss": loss.detach(), "mse": out["mse"].float().mean().detach(),
+                "vb": out["vb"].float().mean().detach()}
+
+    def _train_step(self, it, stage: Stage) -> dict:
+        gas = stage.global_batch // (stage.micro_batch * self.topo.data)
+        sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        for micro in range(gas):
+            t0 = time.perf_counter()
+            batch = next(it)
+            self.data_time += time.perf_counter() - t0
+            parts = self._micro_step(batch, micro)
+            for k in sums:
+                sums[k] = sums[k] + parts[k]
+        self.state.data_batches += gas
+        self.state.step += 1
+        self.state.samples_seen += stage.global_batch
+        if self.state.step % self.cfg.train.ema_every == 0:
+            self.ema.update()
+        return {k: v / gas for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _mean_across_ranks(self, values: dict) -> dict:
+        keys = sorted(values)
+        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).reshape(()) for k in keys]).to(self.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+        return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def _log(self, parts: dict, stage: Stage) -> None:
+        means = self._mean_across_ranks(parts)
+        now = time.time()
+        elapsed = max(now - self.last_log_time, 1e-9)
+        record = {
+            "step": self.state.step,
+            "loss": means["loss"], "mse": means["mse"], "vb": means["vb"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "samples_per_sec": self.samples_since_log / elapsed,
+            "step_time": elapsed / max(self.steps_since_log, 1),
+            "data_time": self.data_time / max(self.steps_since_log, 1),
+            "resolution": stage.resolution, "stage": stage.index,
+            "samples_seen": self.state.samples_seen,
+            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "time": now,
+        }
+        self.metrics.log(record)
+        if self.rank == 0 and (self.state.step % (self.cfg.log.every * 10) == 0 or self.state.step == 1):
+            log0(f"step {self.state.step}/{self.stages[-1].end_step} loss {record['loss']:.4f} "
+                 f"lr {record['lr']:.2e} {record['samples_per_sec']:.1f} samples/s")
+        self.last_log_time, self.steps_since_log, self.samples_since_log, self.data_time = now, 0, 0, 0.0
+
+    def save(self) -> str:
+        path = ckpt.save_checkpoint(self.engine, self.ema, self.state, self.ckpt_dir, self.cfg.checkpoint.keep_last,
+                                    rng_state())
+        log0(f"checkpoint {path}")
+        return path
+
+    def sample(self, stage: Stage, name: Optional[str] = None) -> Optional[str]:
+        """EMA sample grid at the stage's resolution (collective under ZeRO-3; rank 0 samples)."""
+        tensors = self.ema.full_tensors()
+        if self.rank != 0:
+            barrier()
+            return None
+        shards = self.shard_sets[stage.index]
+        arch = dict(self.arch, input_size=shards.latent_shape[1])
+        model = build_model(arch).to(self.device)
+        missing = model.load_state_dict(tensors, strict=False).missing_keys
+        unexpected = [k for k in missing if k != "pos_embed"]
+        if unexpected:
+            raise RuntimeError(f"EMA lacks weights for {unexpected[:5]}")
+        from trainer.sampling import sample_grid
+
+        classes = list(self.cfg.sample.classes) or list(range(arch["num_classes"]))
+        path = os.path.join(self.run_dir, "samples", name or f"step{self.state.step:08d}.png")
+        sample_grid(model, self.objective, load_vae(shards), path, classes=classes,
+                    per_class=self.cfg.sample.per_class, latent_shape=shards.latent_shape,
+                    cfg_scale=self.cfg.sample.cfg_scale, steps=self.cfg.sample.steps, method=self.cfg.sample.method,
+                    seed=self.cfg.sample.seed, device=self.device, num_classes=arch["num_classes"])
+        self.metrics.log_image(self.state.step, "samples", path)
+        log0(f"sample grid {path}")
+        barrier()
+        return path
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> int:
+        """Returns the process exit status (0 done, EXIT_PREEMPTED checkpointed for requeue)."""
+        self.last_log_time = time.time()
+        for stage in self.stages:
+            if self.state.step >= stage.end_step:
+                continue
+            it = self._enter_stage(stage)
+            while self.state.step < stage.end_step:
+                parts = self._train_step(it, stage)
+                self.steps_since_log += 1
+                self.samples_since_log += stage.global_batch
+                step = self.state.step
+                if step % self.cfg.log.every == 0 or step == stage.end_step:
+                    self._log(parts, stage)
+                saved = False
+                if step % stage.checkpoint_every == 0 or step == stage.end_step:
+                    self.save()
+                    saved = True
+                if stage.sample_every and step % stage.sample_every == 0 and step != self.stages[-1].end_step:
+                    self.sample(stage)
+                if all_reduce_max_flag(self.preempt.requested, self.device):
+                    if not saved:
+                        self.save()
+                    log0(f"preempted ({self.preempt.signal_name or 'signal on another rank'}) at step {step}; "
+                         f"checkpoint saved, exiting with {EXIT_PREEMPTED} for requeue")
+                    self.metrics.alert("preempted", f"checkpointed at step {step}", "INFO")
+                    self.metrics.close()
+                    return EXIT_PREEMPTED
+        self.sample(self.stages[-1], name="final.png")
+        self.metrics.event({"step": self.state.step, "event": "finished"})
+        self.metrics.close()
+        log0(f"finished {self.state.step} steps; outputs in {os.path.abspath(self.run_dir)}")
+        return 0
+
+
+def _as_float(v) -> float:
+    if v is None:
+        return float("nan")
+    return float(v.item() if hasattr(v, "item") else v)
+
+
+def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device) -> int:
+    trainer = Trainer(cfg, ds, stages, shard_sets, topo, device)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.preempt.restore()
+        sys.stdout.flush()

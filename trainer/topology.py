@@ -1,0 +1,80 @@
+"""The parallel layout of a run: how the world is split into tensor, pipeline, expert and data groups.
+
+One validated object derives every size from (world, tensor, pipeline, expert) so that the config
+check, the engine builder and the planner agree; an invalid layout fails here, before any worker
+allocates memory, with a message that says what to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    world: int
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+
+    @property
+    def data(self) -> int:
+        """Data-parallel size: ranks that see different data."""
+        return self.world // (self.tensor * self.pipeline)
+
+    def validate(
+        self,
+        *,
+        zero_stage: int = 0,
+        num_heads: Optional[int] = None,
+        hidden_size: Optional[int] = None,
+        depth: Optional[int] = None,
+        num_experts: int = 0,
+    ) -> "Topology":
+        for name in ("world", "tensor", "pipeline", "expert"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name if name != 'world' else 'world size'} must be >= 1, got {getattr(self, name)}")
+        model_parallel = self.tensor * self.pipeline
+        if self.world % model_parallel:
+            raise LayoutError(
+                f"world size {self.world} is not divisible by parallel.tensor × parallel.pipeline = "
+                f"{self.tensor} × {self.pipeline} = {model_parallel}; use a world size that is a multiple of {model_parallel} "
+                f"or lower parallel.tensor/parallel.pipeline"
+            )
+        if self.pipeline > 1 and zero_stage > 1:
+            raise LayoutError(
+                f"ZeRO stage {zero_stage} cannot be combined with parallel.pipeline={self.pipeline}: DeepSpeed's pipeline "
+                f"engine accepts ZeRO-0/1 only; use --ds_config zero1.json or parallel.pipeline=1"
+            )
+        if self.tensor > 1 and num_heads is not None and num_heads % self.tensor:
+            raise LayoutError(
+                f"model num_heads={num_heads} is not divisible by parallel.tensor={self.tensor}; "
+                f"choose a tensor size that divides the head count"
+            )
+        if self.tensor > 1 and hidden_size is not None and hidden_size % self.tensor:
+            raise LayoutError(
+                f"model hidden_size={hidden_size} is not divisible by parallel.tensor={self.tensor}"
+            )
+        if depth is not None and self.pipeline > depth:
+            raise LayoutError(
+                f"parallel.pipeline={self.pipeline} stages exceed the model depth {depth}; use at most {depth} stages"
+            )
+        if self.expert > 1:
+            if num_experts <= 0:
+                raise LayoutError(
+                    f"parallel.expert={self.expert} needs an MoE model; set model.moe.num_experts > 0 or parallel.expert=1"
+                )
+            if num_experts % self.expert:
+                raise LayoutError(
+                    f"model.moe.num_experts={num_experts} is not divisible by parallel.expert={self.expert}"
+                )
+            if self.data % self.expert:
+                raise LayoutError(
+                    f"parallel.expert={self.expert} must divide the data-parallel size {self.data} "
+                    f"(world {self.world} / (tensor {self.tensor} × pipeline {self.pipeline}))"
+                )
+        return self
