@@ -54,8 +54,8 @@ class ModelSection:
     class_dropout_prob: float = 0.1
     num_classes: int = 0  # 0 = take it from the shard manifest
     learn_sigma: bool = True
-    qk_norm: bool = False
-    ffn: str = "mlp"
+    qk_norm: str = "none"  # none | rmsnorm | layernorm
+    ffn: str = "gelu"  # gelu (official MLP) | swiglu
     norm: str = "layernorm"
     grad_checkpoint: int = 0  # 0 off, 1 every block, k every k-th block
     moe: MoESection = field(default_factory=MoESection)
@@ -176,7 +176,8 @@ CHOICES = {
     "objective.kind": ("diffusion", "flow"),
     "objective.noise_schedule": ("linear", "cosine", "squaredcos_cap_v2"),
     "objective.flow_timesteps": ("uniform", "logit_normal"),
-    "model.ffn": ("mlp", "swiglu"),
+    "model.ffn": ("gelu", "swiglu"),
+    "model.qk_norm": ("none", "rmsnorm", "layernorm"),
     "model.norm": ("layernorm", "rmsnorm"),
     "log.wandb.mode": ("online", "offline", "disabled"),
     "sample.method": ("ddim", "ddpm", "euler", "heun"),

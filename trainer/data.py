@@ -27,7 +27,7 @@ def shard_dir(root: str, resolution: int) -> str:
 
 def open_shard_set(root: str, resolution: int) -> ShardSet:
     """Validate the shard set for ``resolution`` under ``root``; ConfigError names what is missing."""
-    from data_pipeline.loader import check_shard_set
+    from data_pipeline.manifest import check_shard_set
 
     if not root:
         raise ConfigError("config key 'data.root' is not set (a folder holding one shard set per resolution)")

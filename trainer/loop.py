@@ -22,7 +22,7 @@ from trainer.distributed import all_reduce_max_flag, barrier
 from trainer.ema import EMA
 from trainer.lr_schedule import StageLRScheduler
 from trainer.metrics import JsonlSink, Metrics, NullSink
-from trainer.model_factory import architecture, build_model
+from trainer.model_factory import architecture, build_model, build_objective_from_config
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
 from trainer.seeding import rng_state, seed_everything, set_rng_state, step_generator
 from trainer.stages import Stage
@@ -81,19 +81,13 @@ class Trainer:
     def setup(self) -> None:
         import deepspeed
 
-        from models.objectives import build_objective
-
         cfg = self.cfg
         first = self.shard_sets[0]
         channels, size, _ = first.latent_shape
         self.arch = architecture(cfg, in_channels=channels, input_size=size, num_classes=first.num_classes)
         seed_everything(cfg.run.seed)
         model = build_model(self.arch, grad_checkpoint=cfg.model.grad_checkpoint)
-        self.objective = build_objective(
-            cfg.objective.kind, noise_schedule=cfg.objective.noise_schedule,
-            diffusion_steps=cfg.objective.diffusion_steps, learn_sigma=cfg.model.learn_sigma,
-            flow_timesteps=cfg.objective.flow_timesteps, flow_logit_mean=cfg.objective.flow_logit_mean,
-            flow_logit_std=cfg.objective.flow_logit_std)
+        self.objective = build_objective_from_config(cfg, self.arch["learn_sigma"])
         ds = dict(self.ds)
         ds["optimizer"] = optimizer_config(cfg)
         self.ds = ds
@@ -199,7 +193,7 @@ class Trainer:
         loss = out["loss"].float().mean()
         total = loss
         if "moe" in self.arch:
-            total = total + self.arch["moe"]["aux_loss_coef"] * self.model.moe_aux_loss()
+            total = total + self.model.moe_aux_loss()  # already weighted by model.moe.aux_loss_coef
         self.engine.backward(total)
         self.engine.step()
         return {"loss": loss.detach(), "mse": out["mse"].float().mean().detach(),

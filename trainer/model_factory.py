@@ -51,7 +51,7 @@ def architecture(cfg: RunConfig, *, in_channels: int, input_size: int, num_class
         "class_dropout_prob": m.class_dropout_prob,
         "num_classes": m.num_classes or num_classes,
         "learn_sigma": m.learn_sigma,
-        "qk_norm": m.qk_norm,
+        "qk_norm": None if m.qk_norm == "none" else m.qk_norm,
         "ffn": m.ffn,
         "norm": m.norm,
     }
@@ -76,3 +76,14 @@ def build_model(arch: dict, grad_checkpoint: int = 0):
     from models.dit import DiT
 
     return DiT(**arch, grad_checkpoint=grad_checkpoint)
+
+
+def build_objective_from_config(cfg: RunConfig, learn_sigma: bool):
+    from models.objectives import build_objective
+
+    o = cfg.objective
+    if o.kind == "flow":
+        return build_objective("flow", timestep_sampling=o.flow_timesteps, logit_mean=o.flow_logit_mean,
+                               logit_std=o.flow_logit_std)
+    return build_objective("diffusion", noise_schedule=o.noise_schedule, diffusion_steps=o.diffusion_steps,
+                           learn_sigma=learn_sigma)

@@ -1,0 +1,124 @@
+"""Config loading, overrides, validation messages, DeepSpeed config filling, topology checks."""
+import json
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+from trainer.ds_config import fill_ds_config, load_ds_config, resolve_ds_config_path
+from trainer.lr_schedule import lr_at
+from trainer.stages import resolve_stages
+from trainer.topology import LayoutError, Topology
+from trainer.validate import validate_stage_batches, validate_values
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=3", "model.moe.num_experts=4", "log.wandb.tags=[a,b]"])
+    assert cfg.train.max_steps == 3
+    assert cfg.model.moe.num_experts == 4
+    assert cfg.log.wandb.tags == ["a", "b"]
+    assert cfg.model.hidden_size == 64 and cfg.model.depth <= 4
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_step=3", "unknown config key 'train.max_step'"),
+    ("trainer.lr=1", "unknown config key 'trainer'"),
+    ("train.lr=fast", "'train.lr' expects a number"),
+    ("train.max_steps=1.5", "'train.max_steps' expects an integer"),
+    ("model.learn_sigma=maybe", "'model.learn_sigma' expects true/false"),
+    ("train.lr", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as exc:
+        load_config("configs/tiny.yaml", [override])
+    assert needle in str(exc.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  max_steps: 5\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
+        load_config(str(p))
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.precision=fp8", "'train.precision' must be one of"),
+    ("train.global_batch=0", "'train.global_batch' must be > 0"),
+    ("train.ema_decay=1.5", "'train.ema_decay' must be in [0, 1]"),
+    ("sample.method=euler", "sample.method=euler is a flow sampler"),
+    ("model.qk_norm=l2", "'model.qk_norm' must be one of none, rmsnorm, layernorm"),
+])
+def test_value_validation(override, needle):
+    cfg = load_config("configs/tiny.yaml", [override])
+    with pytest.raises(ConfigError) as exc:
+        validate_values(cfg)
+    assert needle in str(exc.value)
+
+
+def test_batch_divisibility_names_keys():
+    cfg = load_config("configs/tiny.yaml", ["train.global_batch=12", "train.micro_batch=4"])
+    with pytest.raises(ConfigError, match=r"train.global_batch=12 is not divisible by train.micro_batch × data-parallel size = 4 × 2 = 8"):
+        validate_stage_batches(resolve_stages(cfg), Topology(2))
+
+
+def test_ds_config_resolves_bare_names_and_fills_from_run_config():
+    assert resolve_ds_config_path("zero2.json").endswith("configs/zero2.json")
+    cfg = load_config("configs/tiny.yaml", ["train.precision=bf16", "train.grad_clip=0.5"])
+    ds = fill_ds_config(load_ds_config("zero2"), cfg, global_batch=16, micro_batch=4, data_parallel=2, on_cuda=False)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_ds_config_path("zero9.json")
+
+
+def test_ds_config_conflicts_are_errors():
+    cfg = load_config("configs/tiny.yaml")
+    with pytest.raises(ConfigError, match="'train_batch_size'=32 but the run config gives 8"):
+        fill_ds_config({"train_batch_size": 32}, cfg, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=False)
+    with pytest.raises(ConfigError, match="'optimizer' section"):
+        fill_ds_config({"optimizer": {"type": "Adam"}}, cfg, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=False)
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        cfg16 = load_config("configs/tiny.yaml", ["train.precision=fp16"])
+        fill_ds_config({}, cfg16, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=False)
+
+
+def test_every_shipped_ds_config_is_valid_json():
+    for name in ("zero1", "zero2", "zero3", "zero3_offload", "zero2_offload"):
+        with open(resolve_ds_config_path(name)) as f:
+            assert "zero_optimization" in json.load(f)
+
+
+@pytest.mark.parametrize("topo,kwargs,needle", [
+    (Topology(3, tensor=2), {}, "world size 3 is not divisible by parallel.tensor × parallel.pipeline"),
+    (Topology(4, pipeline=2), {"zero_stage": 2}, "ZeRO stage 2 cannot be combined with parallel.pipeline=2"),
+    (Topology(4, tensor=4), {"num_heads": 6}, "num_heads=6 is not divisible by parallel.tensor=4"),
+    (Topology(4, pipeline=4), {"depth": 2}, "parallel.pipeline=4 stages exceed the model depth 2"),
+    (Topology(4, expert=2), {"num_experts": 3}, "num_experts=3 is not divisible by parallel.expert=2"),
+    (Topology(2, expert=2), {"num_experts": 0}, "needs an MoE model"),
+])
+def test_invalid_layouts_are_rejected(topo, kwargs, needle):
+    with pytest.raises(LayoutError) as exc:
+        topo.validate(**kwargs)
+    assert needle in str(exc.value)
+
+
+def test_topology_data_parallel_size():
+    assert Topology(8, tensor=2, pipeline=2).validate(num_heads=4, hidden_size=64, depth=4).data == 2
+
+
+def test_progressive_stages_inherit_and_lr_restarts(tmp_path):
+    p = tmp_path / "prog.yaml"
+    p.write_text("train: {lr: 0.1, warmup_steps: 2, global_batch: 8, micro_batch: 4}\n"
+                 "stages:\n  - {resolution: 64, steps: 4}\n  - {resolution: 128, steps: 3, lr: 0.05, micro_batch: 2}\n")
+    stages = resolve_stages(load_config(str(p)))
+    assert [(s.resolution, s.start_step, s.end_step, s.micro_batch, s.lr) for s in stages] == [
+        (64, 0, 4, 4, 0.1), (128, 4, 7, 2, 0.05)]
+    lrs = [lr_at(k, stages, "constant", 0.0) for k in range(7)]
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.025, 0.05, 0.05])
+    cos = [lr_at(k, stages, "cosine", 0.0) for k in range(4)]
+    assert cos[2] == pytest.approx(0.1) and cos[3] == pytest.approx(0.05)
