@@ -1,0 +1,150 @@
+"""Embedded demo data: real photos from scikit-image's wheel -> class-conditional latent shards.
+
+``python -m data_pipeline.demo_data --out DIR --resolutions 64 128`` needs no download: each
+colour photo shipped in ``skimage/data`` becomes one class, sampled as seeded random square
+crops (scale, position, mirror), then fitted with the offline PCA autoencoder and written by the
+same EncodeJob the encode tool uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .encode import EncodeJob, fit_pca
+from .images import ImageItem, ImageSource, load_rgb
+from .pca_autoencoder import PCA_FILE_NAME
+from .vae import PCAVAE
+
+log = logging.getLogger(__name__)
+
+# (class name, file in skimage/data): the colour photographs; greyscale, binary, synthetic and
+# text images (camera, horse, chessboard, page, ...) are left out.
+DEMO_PHOTOS = (
+    ("astronaut", "astronaut.png"),
+    ("cat", "chelsea.png"),
+    ("coffee", "coffee.png"),
+    ("galaxies", "hubble_deep_field.jpg"),
+    ("tissue", "ihc.png"),
+    ("motorcycle", "motorcycle_left.png"),
+    ("retina", "retina.jpg"),
+    ("rocket", "rocket.jpg"),
+)
+MIN_CROP_FRACTION = 0.45  # smallest crop side as a fraction of the photo's short side
+
+
+def skimage_data_dir() -> str:
+    import skimage
+
+    return os.path.join(os.path.dirname(skimage.__file__), "data")
+
+
+def available_photos() -> list[tuple[str, str]]:
+    """(class name, path) for the demo photos present in this scikit-image install."""
+    directory = skimage_data_dir()
+    found = [(name, os.path.join(directory, file)) for name, file in DEMO_PHOTOS if os.path.isfile(os.path.join(directory, file))]
+    missing = [file for _, file in DEMO_PHOTOS if not os.path.isfile(os.path.join(directory, file))]
+    if missing:
+        log.warning("demo photos missing from %s: %s", directory, missing)
+    if len(found) < 2:
+        raise FileNotFoundError(f"need at least 2 demo photos in {directory}, found {[p for _, p in found]}")
+    return found
+
+
+class DemoPhotoSource(ImageSource):
+    """Seeded random square crops of each photo; crop j of class c depends only on (seed, c, j)."""
+
+    def __init__(self, resolutions: Sequence[int], samples_per_class: int, seed: int = 0):
+        photos = available_photos()
+        # pre-shrink so the smallest crop still covers the largest resolution without upsampling
+        target_short = math.ceil(max(resolutions) / MIN_CROP_FRACTION)
+        self.photos = []
+        for _, path in photos:
+            image = load_rgb(path)
+            scale = min(1.0, target_short / min(image.size))
+            if scale < 1.0:
+                image = image.resize(tuple(max(1, round(s * scale)) for s in image.size), resample=Image.BOX)
+            self.photos.append(image)
+        self.crops = []
+        items = []
+        for label, image in enumerate(self.photos):
+            rng = np.random.default_rng([seed, label])
+            width, height = image.size
+            for j in range(samples_per_class):
+                side = int(round(min(width, height) * rng.uniform(MIN_CROP_FRACTION, 1.0)))
+                left = int(rng.integers(0, width - side + 1))
+                top = int(rng.integers(0, height - side + 1))
+                flip = bool(rng.random() < 0.5)
+                self.crops.append((label, (left, top, left + side, top + side), flip))
+                items.append(ImageItem(f"{photos[label][1]}#crop{j}", label))
+        description = {"kind": "skimage-demo", "path": skimage_data_dir(), "photos": [os.path.basename(p) for _, p in photos],
+                       "samples_per_class": samples_per_class, "seed": seed}
+        super().__init__(items, [name for name, _ in photos], description)
+
+    def load(self, index: int) -> Image.Image:
+        label, box, flip = self.crops[index]
+        crop = self.photos[label].crop(box)
+        return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
+
+
+def export_demo_photos(out_dir: str) -> str:
+    """Copy the demo photos into an ImageNet-layout folder (OUT/<class>/<file>) for the encode tool."""
+    for name, path in available_photos():
+        os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+        target = os.path.join(out_dir, name, os.path.basename(path))
+        with open(path, "rb") as src, open(target, "wb") as dst:
+            dst.write(src.read())
+    return out_dir
+
+
+def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_per_class: int = 200, seed: int = 0,
+                    samples_per_shard: int = 400, fit_images: int = 400, progress: bool = False) -> dict[int, dict]:
+    """Write OUT/<res>/{manifest.json, classes.json, pca_autoencoder.npz, latents-*.tar}; return manifests.
+
+    A rerun into the same folder reuses the fitted PCA and skips finished shards.
+    """
+    resolutions = sorted(int(r) for r in resolutions)
+    source = DemoPhotoSource(resolutions, samples_per_class, seed)
+    os.makedirs(out, exist_ok=True)
+    pca_path = os.path.join(out, PCA_FILE_NAME)
+    if not os.path.exists(pca_path):
+        fit_pca(source, resolutions, max_images=fit_images, seed=seed).save(pca_path)
+    job = EncodeJob(source, out, resolutions, PCAVAE.from_file(pca_path), samples_per_shard=samples_per_shard,
+                    batch_size=256, vae_file=pca_path, progress=progress)
+    return job.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.demo_data", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="data root; shard sets go to OUT/<resolution>/")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128], choices=(64, 128, 256, 512))
+    parser.add_argument("--samples-per-class", type=int, default=200)
+    parser.add_argument("--samples-per-shard", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export-photos", metavar="DIR", help="also copy the photos to DIR/<class>/ for the encode tool")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    manifests = build_demo_data(args.out, args.resolutions, args.samples_per_class, args.seed,
+                                samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+    for resolution, manifest in manifests.items():
+        print(f"{os.path.join(args.out, str(resolution))}: {manifest['num_samples']} samples, "
+              f"{manifest['num_classes']} classes, latent {manifest['latent_shape']} {manifest['latent_dtype']}, "
+              f"{len(manifest['shards'])} shard(s)")
+    if args.export_photos:
+        print(f"photos exported to {export_demo_photos(args.export_photos)}")
+    print(f"done in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
