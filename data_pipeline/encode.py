@@ -28,10 +28,9 @@ import torch
 
 from .images import ImageSource, center_crop_arr, file_list_source, folder_source, uint8_to_model
 from .manifest import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     merge_part_manifests,
+    new_manifest,
     part_manifest_name,
     shard_file_name,
     write_classes,
@@ -227,26 +226,18 @@ class EncodeJob:
         return {r: self._finish(r, counts[r]) for r in self.resolutions}
 
     def _finish(self, resolution: int, counts: list[int]) -> dict:
-        channels = self.vae.latent_channels
         side = resolution // self.vae.downsample
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "resolution": resolution,
-            "latent_shape": [channels, side, side],
-            "latent_dtype": str(self.latent_dtype),
-            "num_samples": sum(counts),
-            "num_classes": len(self.source.class_names),
-            "class_names": list(self.source.class_names),
-            "shards": [{"name": shard_file_name(i, self.part, self.num_parts), "num_samples": c} for i, c in enumerate(counts)],
-            "shard_pattern": "latents-*.tar",
-            "vae": self.vae.spec,
-            "scaling_factor": self.vae.spec["scaling_factor"],
-            "shift_factor": self.vae.spec["shift_factor"],
-            "source": dict(self.source.description, num_images=len({i for i, _ in self.items}), hflip=self.hflip),
-            "part": {"index": self.part, "num_parts": self.num_parts},
-            "created_by": "data_pipeline.encode",
-        }
+        manifest = new_manifest(
+            shards=[(shard_file_name(i, self.part, self.num_parts), c) for i, c in enumerate(counts)],
+            latent_shape=[self.vae.latent_channels, side, side],
+            latent_dtype=str(self.latent_dtype),
+            vae=self.vae.spec,
+            resolution=resolution,
+            class_names=self.source.class_names,
+            source=dict(self.source.description, num_images=len({i for i, _ in self.items}), hflip=self.hflip),
+            part=(self.part, self.num_parts),
+            created_by="data_pipeline.encode",
+        )
         directory = self.directory(resolution)
         write_manifest(os.path.join(directory, part_manifest_name(self.part)), manifest)
         try:

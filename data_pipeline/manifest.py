@@ -80,6 +80,33 @@ def write_json_atomic(path: str, payload: Any) -> None:
         raise
 
 
+def new_manifest(*, shards: Sequence[tuple[str, int]], latent_shape: Sequence[int], latent_dtype: str, vae: dict,
+                 resolution: int | None = None, class_names: Sequence[str] = (), num_classes: int | None = None,
+                 source: dict | None = None, part: tuple[int, int] | None = None,
+                 created_by: str = "data_pipeline") -> dict:
+    """Build a valid manifest from (shard name, sample count) pairs; the single place fields are spelt."""
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "resolution": resolution,
+        "latent_shape": [int(d) for d in latent_shape],
+        "latent_dtype": str(latent_dtype),
+        "num_samples": sum(int(count) for _, count in shards),
+        "num_classes": int(num_classes if num_classes is not None else len(class_names)),
+        "class_names": list(class_names),
+        "shards": [{"name": name, "num_samples": int(count)} for name, count in shards],
+        "shard_pattern": SHARD_PATTERN,
+        "vae": vae,
+        "scaling_factor": float(vae.get("scaling_factor", 1.0)),
+        "shift_factor": float(vae.get("shift_factor", 0.0)),
+        "source": source or {},
+        "created_by": created_by,
+    }
+    if part is not None:
+        manifest["part"] = {"index": int(part[0]), "num_parts": int(part[1])}
+    return validate_manifest(manifest)
+
+
 def validate_manifest(manifest: dict, source: str = "manifest") -> dict:
     """Reject manifests that would make the loader or decoder guess."""
     if not isinstance(manifest, dict):
