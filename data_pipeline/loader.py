@@ -131,6 +131,7 @@ class ShardReader:
             self._warn(url, None, f"unreadable shard ({type(error).__name__}: {error})")
             self.bad_shards.add(url)
             return items
+        key = None
         try:
             for key, fields in iter_tar_samples(stream):
                 try:
@@ -140,8 +141,11 @@ class ShardReader:
                     self._warn(url, key, f"sample ({error})")
         except (ShardError, OSError, ValueError) as error:
             self.stats.skipped_shards += 1
-            where = f" after key {error.key}" if getattr(error, "key", None) else ""
-            self._warn(url, None, f"rest of shard ({error}{where}; kept {len(items)} valid samples)")
+            cut_key = getattr(error, "key", None)
+            if cut_key is not None and cut_key != key:  # a sample none of whose members arrived whole
+                self.stats.skipped_samples += 1
+                self._warn(url, cut_key, f"sample cut off by a broken shard ({error})")
+            self._warn(url, None, f"rest of shard ({error}; kept {len(items)} valid samples)")
         finally:
             try:
                 stream.close()

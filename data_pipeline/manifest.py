@@ -206,7 +206,7 @@ def check_shard_set(root_or_dir: str, resolution: int | None = None, *, allow_mi
         )
         raise FileNotFoundError(f"manifest not found: {path}{hint}")
     manifest = read_manifest(path)
-    if resolution is not None and "resolution" in manifest and int(manifest["resolution"]) != int(resolution):
+    if resolution is not None and manifest.get("resolution") is not None and int(manifest["resolution"]) != int(resolution):
         raise ValueError(f"{path}: resolution {manifest['resolution']} does not match requested {resolution}")
     if not manifest["shards"]:
         raise ValueError(f"{path}: lists no shards")

@@ -26,7 +26,8 @@ _LABEL_RE = re.compile(rb"^\s*([0-9]{1,9})\s*$")
 class ShardError(Exception):
     """The shard as a whole cannot be (fully) read: missing, truncated, corrupt header."""
 
-    key: str | None = None
+    key: str | None = None  # sample key where reading broke off
+    member: str | None = None  # tar member being read when it broke off
 
 
 class SampleError(ValueError):
@@ -92,9 +93,13 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
                 name = f"{prefix}/{name}"
         padding = (-size) % BLOCK
         if typeflag in (b"0", b"\0", b"7"):
-            data = _read_exact(stream, size, name)
-            if padding:
-                _read_exact(stream, padding, f"padding of {name}")
+            try:
+                data = _read_exact(stream, size, name)
+                if padding:
+                    _read_exact(stream, padding, f"padding of {name}")
+            except ShardError as error:
+                error.member = long_name or name
+                raise
             yield (long_name or name), data
             long_name = None
             continue
@@ -138,9 +143,9 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]
     except ShardError as error:
         # hand out what was read of the interrupted sample: the caller validates it like any other,
         # so a sample whose members were all complete survives a cut in the next one
-        error.key = key
         if key is not None:
             yield key, fields
+        error.key = split_key(error.member)[0] if error.member else key
         raise
     if key is not None:
         yield key, fields

@@ -16,7 +16,7 @@ from data_pipeline.shard_writer import ShardWriter
 
 SHAPE = (4, 4, 4)
 NUM_CLASSES = 5
-VAE = {"type": "pca", "file": "none.npz", "scaling_factor": 1.0, "shift_factor": 0.0}
+VAE = {"type": "diffusers", "name_or_path": "stabilityai/sd-vae-ft-ema", "scaling_factor": 0.18215, "shift_factor": 0.0}
 
 
 def write_id_shards(directory, num_shards=8, per_shard=25, dtype=np.float32):
