@@ -72,9 +72,9 @@ class PatchPCAAutoencoder:
         outer = np.zeros((dim, dim), np.float64)
         count = 0
         for images in batches:
-            rows = _patches(images.float(), patch_size).reshape(-1, dim).double().numpy()  # (M, D)
-            total += rows.sum(0)
-            outer += rows.T @ rows
+            rows = _patches(images.float(), patch_size).reshape(-1, dim)  # (M, D) float32, values in [-1, 1]
+            total += rows.sum(0, dtype=torch.float64).numpy()
+            outer += (rows.T @ rows).double().numpy()  # per-batch float32 product, summed in float64
             count += rows.shape[0]
         if count < num_components + 1:
             raise ValueError(f"need more than {num_components} patches to fit PCA, got {count}")
