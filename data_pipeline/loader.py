@@ -132,6 +132,7 @@ class ShardReader:
             self.bad_shards.add(url)
             return items
         key = None
+        broken = False
         try:
             for key, fields in iter_tar_samples(stream):
                 try:
@@ -140,6 +141,7 @@ class ShardReader:
                     self.stats.skipped_samples += 1
                     self._warn(url, key, f"sample ({error})")
         except (ShardError, OSError, ValueError) as error:
+            broken = True
             self.stats.skipped_shards += 1
             cut_key = getattr(error, "key", None)
             if cut_key is not None and cut_key != key:  # a sample none of whose members arrived whole
@@ -150,7 +152,8 @@ class ShardReader:
             try:
                 stream.close()
             except Exception as error:  # a pipe: command that exited non-zero
-                self._warn(url, None, f"shard stream close failed ({error})")
+                self.stats.skipped_shards += 0 if broken else 1
+                self._warn(url, None, f"shard whose stream failed on close ({error})")
         if not items:
             self.bad_shards.add(url)
         self.stats.valid_samples += len(items)

@@ -233,3 +233,14 @@ def test_tar_reader_handles_long_names_and_matches_tarfile(tmp_path):
         assert [name for name, _ in iter_tar_members(handle)] == [f"{long_key}.cls", "sub/dir/x.cls"]
     with open(path, "rb") as handle:
         assert [key for key, _ in iter_tar_samples(handle)] == [long_key, "sub/dir/x"]
+
+
+def test_failing_pipe_command_counts_as_a_skipped_shard(bad_set, caplog):
+    directory, _, _ = bad_set
+    good = os.path.join(directory, "latents-000000.tar")
+    loader = LatentLoader([f"pipe:cat {directory}/no-such-shard.tar", good], batch_size=5, resampled=False,
+                          shuffle_buffer=0, expected_shape=SHAPE)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+        assert sum(len(labels) for _, labels in loader) == 10
+    assert loader.skipped_shards == 1 and loader.bad_shards == [f"pipe:cat {directory}/no-such-shard.tar"]
+    assert "no-such-shard.tar" in caplog.text
