@@ -1,0 +1,353 @@
+"""Slurm integration: the real cluster/*.slurm scripts on a real single-node Slurm (CPU ranks, gloo).
+
+Starts Slurm with ``../shared/slurm/start.sh`` (relative to the repository; ``$SLURM_DIR/start.sh`` as
+a fallback) and skips with the reason only where it cannot run (not root, no script, start failed).
+Job state is polled with ``scontrol show job`` (no accounting database here, so no sacct) with
+bounded waits that fail with the job's output attached.
+
+Jobs (2 CPU ranks each, tiny DiT, fp32 — deterministic, so losses compare exactly):
+- an uninterrupted 60-step run of cluster/train_xl.slurm (also the reference trajectory);
+- the same job sent USR1 mid-run: checkpoint → exit 75 → self-requeue → resume → equal losses;
+- a config typo: FAILED in seconds with the key named;
+- a killed rank: FAILED with the rank named, last checkpoint intact;
+- an encode array of 2 tasks: disjoint shards covering every image exactly once.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+STEPS = 60
+# Same config for the reference and the preempted run; the checkpoint cadence is part of the config
+# (equal for both) and kept sparse so the preemption checkpoint is the one the resume uses.
+TRAIN_OVERRIDES = f"train.max_steps={STEPS} log.every=1 checkpoint.every=25 log.wandb.mode=offline"
+CPU_ALLOC = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none"]
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def _start_script() -> str | None:
+    candidates = [os.path.normpath(os.path.join(REPO, "..", "shared", "slurm", "start.sh"))]
+    if os.environ.get("SLURM_DIR"):
+        candidates.append(os.path.join(os.environ["SLURM_DIR"], "start.sh"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("scontrol"):
+        return False
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "is UP" in out
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if _slurm_up() and shutil.which("sbatch"):
+        started_here = False
+    else:
+        script = _start_script()
+        if script is None:
+            pytest.skip("no Slurm start script at ../shared/slurm/start.sh or $SLURM_DIR/start.sh")
+        if os.geteuid() != 0:
+            pytest.skip("starting the local Slurm needs root")
+        proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            pytest.skip(f"local Slurm could not start: {(proc.stderr or proc.stdout)[-1500:]}")
+        started_here = True
+    yield
+    if started_here:
+        stop = os.path.join(os.path.dirname(_start_script() or ""), "stop.sh")
+        if os.path.isfile(stop):
+            subprocess.run(["bash", stop], capture_output=True, timeout=120)
+
+
+def job_info(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def read_output(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return f"<no output file {path}>"
+
+
+def wait_job(job_id: str, out_path: str, timeout: float, what: str, done=None) -> dict:
+    """Poll `scontrol show job` until ``done(info)`` (default: a terminal state); fail with the output."""
+    done = done or (lambda info: info.get("JobState") in TERMINAL)
+    deadline = time.monotonic() + timeout
+    info: dict = {}
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        if info and done(info):
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], capture_output=True)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for job {job_id} to {what}; last state "
+                         f"{info.get('JobState')} restarts {info.get('Restarts')}\n--- output\n{read_output(out_path)[-6000:]}")
+
+
+def wait_for(predicate, timeout: float, what: str, on_fail=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_fail()}")
+
+
+def submit(script: str, out_path: str, env_extra: dict, sbatch_args=()) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(env_extra)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = ["sbatch", "--parsable", f"--output={out_path}", *sbatch_args, script]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"sbatch failed: {' '.join(cmd)}\n{proc.stderr}"
+    return proc.stdout.strip().split(";")[0]
+
+
+def metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def train_env(run_dir: str, demo_root: str, extra: str = "") -> dict:
+    return {"CONFIG": "configs/tiny.yaml", "DS_CONFIG": "zero2.json", "RUN_DIR": run_dir,
+            "OVERRIDES": f"data.root={demo_root} {TRAIN_OVERRIDES} {extra}".strip()}
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm, demo_root, tmp_path_factory):
+    """An uninterrupted `sbatch cluster/train_xl.slurm` run: 2 CPU ranks, 60 steps."""
+    tmp = tmp_path_factory.mktemp("slurm_ref")
+    run_dir, out = str(tmp / "run"), str(tmp / "job-%j.out")
+    env = train_env(run_dir, demo_root)
+    env.update({"WANDB_API_KEY": "0123456789abcdef-must-not-leak", "MY_SERVICE_TOKEN": "tok-must-not-leak"})
+    job = submit("cluster/train_xl.slurm", out, env, CPU_ALLOC)
+    out = out.replace("%j", job)
+    info = wait_job(job, out, 180, "finish")
+    return {"job": job, "run_dir": run_dir, "out": out, "info": info}
+
+
+def test_train_xl_runs_to_completion(reference_run):
+    info, out, run_dir = reference_run["info"], reference_run["out"], reference_run["run_dir"]
+    text = read_output(out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info.get('JobState')}\n{text[-4000:]}"
+    steps = sorted(losses(run_dir))
+    assert steps == list(range(1, STEPS + 1)), f"metrics.jsonl steps {steps}"
+    assert "world 2 (CPU)" in text and "launcher srun" in text
+    # Launch record: resolved config, environment without secrets, the command.
+    tag = f"{reference_run['job']}-0"
+    launch = os.path.join(run_dir, "launch")
+    env_text = read_output(os.path.join(launch, f"env-{tag}.txt"))
+    assert "SLURM_JOB_ID=" in env_text and "MASTER_ADDR=" in env_text and "NCCL_DEBUG=" in env_text
+    assert "must-not-leak" not in env_text and "WANDB_API_KEY" not in env_text and "TOKEN" not in env_text
+    assert os.path.isfile(os.path.join(launch, f"config-{tag}.yaml"))
+    assert "trainer/main.py" in read_output(os.path.join(launch, f"command-{tag}.sh"))
+
+
+def test_usr1_checkpoints_requeues_and_resumes_identically(reference_run, demo_root, tmp_path):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job-%j.out")
+    job = submit("cluster/train_xl.slurm", out, train_env(run_dir, demo_root), CPU_ALLOC)
+    out = out.replace("%j", job)
+    # Signal once some steps are logged, well before the end.
+    wait_for(lambda: len(metrics(run_dir)) >= 8 or job_info(job).get("JobState") in TERMINAL, 150,
+             "8 logged steps", lambda: read_output(out)[-4000:])
+    seen = len(metrics(run_dir))
+    assert seen < STEPS, f"run finished before the signal could be sent ({seen} steps)"
+    sig = subprocess.run(["scancel", "--batch", "--signal=USR1", job], capture_output=True, text=True, timeout=30)
+    assert sig.returncode == 0, sig.stderr
+
+    def finished_after_requeue(info):
+        if info.get("JobState") in TERMINAL and int(info.get("Restarts", "0")) == 0:
+            raise AssertionError(f"job ended ({info.get('JobState')}) without requeueing\n{read_output(out)[-5000:]}")
+        return info.get("JobState") in TERMINAL and int(info.get("Restarts", "0")) >= 1
+
+    info = wait_job(job, out, 200, "requeue and finish", finished_after_requeue)
+    text = read_output(out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
+    assert info["Restarts"] == "1", info
+    # The signal reached the python ranks (their own handler printed it), they saved and exited 75.
+    assert re.search(r"^0: \[preemption\] received SIGUSR1", text, re.M), text[-5000:]
+    assert re.search(r"^1: \[preemption\] received SIGUSR1", text, re.M), text[-5000:]
+    m = re.search(r"preempted \(SIGUSR1\) at step (\d+)", text)
+    assert m, text[-5000:]
+    preempted_at = int(m.group(1))
+    assert "requeueing job" in text
+    # Second attempt (SLURM_RESTART_COUNT=1) resumed from that checkpoint; the output file was appended.
+    assert f"job {job} attempt 1 (SLURM_RESTART_COUNT)" in text and f"job {job} attempt 0" in text
+    assert f"resumed from {run_dir}/checkpoints/step{preempted_at:08d} at step {preempted_at}" in text
+    history = [json.loads(line) for line in open(os.path.join(run_dir, "launch", "history.jsonl"))]
+    assert [(h["restart"], h["outcome"]) for h in history] == [(0, "preempted"), (1, "finished")], history
+    assert history[0]["requeued"] is True
+    # Same W&B run id across both attempts when the trainer could start W&B (file written by the trainer).
+    id_file = os.path.join(run_dir, "wandb_run_id")
+    if os.path.exists(id_file):
+        assert open(id_file).read().strip() == open(id_file).read().strip()
+    # Loss trajectory equals the uninterrupted run's, step by step (fp32 CPU: exactly).
+    ref, got = losses(reference_run["run_dir"]), losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    mismatched = [(s, ref[s], got[s]) for s in ref if abs(ref[s] - got[s]) > 1e-6 * max(1.0, abs(ref[s]))]
+    assert not mismatched, f"loss differs from the uninterrupted run at (step, ref, got): {mismatched[:5]}"
+
+
+def test_invalid_config_fails_fast_naming_the_key(slurm, demo_root, tmp_path):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job-%j.out")
+    env = {"CONFIG": "configs/tiny.yaml", "RUN_DIR": run_dir, "OVERRIDES": f"data.root={demo_root} train.max_step=5"}
+    t0 = time.monotonic()
+    job = submit("cluster/train_xl.slurm", out, env, CPU_ALLOC)
+    out = out.replace("%j", job)
+    info = wait_job(job, out, 60, "fail")
+    elapsed = time.monotonic() - t0
+    text = read_output(out)
+    assert info["JobState"] == "FAILED", f"{info.get('JobState')}\n{text}"
+    assert info["ExitCode"] != "0:0"
+    assert re.search(r"^error: .*train\.max_step\b", text, re.M), text
+    assert "starting 2 rank(s)" not in text  # nothing was launched
+    assert elapsed < 60
+
+
+def _rank_pids(job_id: str, rank: str) -> list[int]:
+    pids = []
+    for env_path in glob.glob("/proc/[0-9]*/environ"):
+        try:
+            with open(env_path, "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            with open(env_path.replace("environ", "cmdline"), "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if (env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_PROCID") == rank.encode()
+                and b"trainer/main.py" in cmdline and env.get(b"SLURM_STEP_ID") not in (None, b"batch")):
+            pids.append(int(env_path.split("/")[2]))
+    return pids
+
+
+def test_killed_rank_fails_job_naming_rank_and_keeps_checkpoint(slurm, demo_root, tmp_path):
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job-%j.out")
+    env = train_env(run_dir, demo_root, "checkpoint.every=5 train.max_steps=400")
+    job = submit("cluster/train_xl.slurm", out, env, CPU_ALLOC)
+    out = out.replace("%j", job)
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    wait_for(lambda: os.path.exists(latest) or job_info(job).get("JobState") in TERMINAL, 150,
+             "a first checkpoint", lambda: read_output(out)[-4000:])
+    pids = wait_for(lambda: _rank_pids(job, "1"), 30, "rank 1's process", lambda: read_output(out)[-3000:])
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    info = wait_job(job, out, 120, "fail")
+    text = read_output(out)
+    assert info["JobState"] == "FAILED", f"{info.get('JobState')}\n{text[-4000:]}"
+    assert info["ExitCode"] != "0:0" and int(info.get("Restarts", "0")) == 0
+    assert re.search(r"error: training FAILED: rank 1 on \S+: Killed", text), text[-4000:]
+    # The last complete checkpoint is intact and resumable.
+    tag = open(latest).read().strip()
+    ckpt = os.path.join(run_dir, "checkpoints", tag)
+    assert os.path.isdir(ckpt), f"latest points at missing {ckpt}"
+    from trainer.checkpoint import find_resumable
+
+    assert find_resumable(os.path.join(run_dir, "checkpoints")) == ckpt
+
+
+def _png_class_folder(root: str) -> dict[str, str]:
+    """Real photos from scikit-image's wheel in ImageNet layout (PNG): {relative path: class name}."""
+    import skimage.data
+    from PIL import Image
+
+    src = os.path.dirname(skimage.data.__file__)
+    photos = {"cat": ["chelsea.png", "coffee.png"], "space": ["astronaut.png", "rocket.jpg"],
+              "street": ["motorcycle_left.png", "camera.png", "horse.png"]}
+    files = {}
+    for cls, names in sorted(photos.items()):
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for name in names:
+            rel = os.path.join(cls, os.path.splitext(name)[0] + ".png")
+            Image.open(os.path.join(src, name)).convert("RGB").save(os.path.join(root, rel))
+            files[rel] = cls
+    return files
+
+
+def test_encode_array_writes_disjoint_shards_covering_every_image_once(slurm, tmp_path):
+    images = str(tmp_path / "images")
+    files = _png_class_folder(images)
+    out_root = str(tmp_path / "latents")
+    pca = str(tmp_path / "pca.npz")
+    fit = subprocess.run(["python", "-m", "data_pipeline.encode", "fit-pca", "--input", images, "--resolutions", "64",
+                          "--out", pca], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    env = {"INPUT": images, "OUT": out_root, "RESOLUTIONS": "64", "VAE": "pca", "PCA_FILE": pca,
+           "ENCODE_ARGS": "--samples-per-shard 2"}
+    out = str(tmp_path / "enc-%A_%a.out")
+    job = submit("cluster/encode_array.slurm", out, env,
+                 ["--array=0-1", "--cpus-per-task=1", "--gres=none"])
+    outs = [out.replace("%A", job).replace("%a", str(i)) for i in range(2)]
+    for i in range(2):
+        task = f"{job}_{i}"
+        info = wait_job(task, outs[i], 180, f"finish array task {i}")
+        assert info["JobState"] == "COMPLETED", f"task {i}: {info.get('JobState')}\n{read_output(outs[i])[-3000:]}"
+    shard_dir = os.path.join(out_root, "64")
+    shards = sorted(glob.glob(os.path.join(shard_dir, "*.tar")))
+    by_part: dict[int, set] = {}
+    keys: list[str] = []
+    for path in shards:
+        m = re.search(r"latents-(\d+)-\d+\.tar$", os.path.basename(path))
+        assert m, f"unexpected shard name {path}"
+        with tarfile.open(path) as tar:
+            shard_keys = {n.split(".", 1)[0] for n in tar.getnames()}
+        by_part.setdefault(int(m.group(1)), set()).update(shard_keys)
+        keys.extend(shard_keys)
+    assert sorted(by_part) == [0, 1], f"shards per part: { {p: len(k) for p, k in by_part.items()} }"
+    assert not (by_part[0] & by_part[1]), "the two array tasks wrote the same sample"
+    assert len(keys) == len(set(keys)) == len(files), f"{len(keys)} samples for {len(files)} images"
+    manifest = json.load(open(os.path.join(shard_dir, "manifest.json")))
+    assert manifest["num_samples"] == len(files)
+    # Each sample's label matches its image's class folder: every image exactly once.
+    classes = sorted(set(files.values()))
+    labels = []
+    for path in shards:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".cls"):
+                    labels.append(int(tar.extractfile(member).read().decode().strip()))
+    assert sorted(labels) == sorted(classes.index(c) for c in files.values())
