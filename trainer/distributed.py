@@ -15,15 +15,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_env() -> None:
-    """Make RANK/WORLD_SIZE/... present whichever way the process was started."""
+def prepare_env() -> bool:
+    """Make RANK/WORLD_SIZE/... present whichever way the process was started.
+
+    Returns True when a launcher (deepspeed, torchrun, srun) provided the rank. A plain process
+    keeps a WORLD_SIZE it was given, so ``--validate_only`` can check a layout for a larger job.
+    """
     from cluster.slurm_env import apply_slurm_env
 
     apply_slurm_env()
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "RANK" in os.environ:
+        return True
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0"})
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    return False
 
 
 def world_size_from_env() -> int:

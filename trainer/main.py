@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from trainer.topology import LayoutError
     from trainer.validate import validate_run
 
-    prepare_env()
+    launched = prepare_env()
     try:
         cfg = load_config(args.config, args.overrides)
         ds_raw = load_ds_config(args.ds_config)
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
         print(f"ok: {len(stages)} stage(s), world {world}, data-parallel {topo.data}, ZeRO stage "
               f"{ds.get('zero_optimization', {}).get('stage', 0)}")
         return 0
+    if not launched and world > 1:
+        print(f"error: WORLD_SIZE={world} but no RANK: start {world} ranks with deepspeed --num_gpus, torchrun or "
+              f"srun (WORLD_SIZE without a launcher is only for --validate_only)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     from trainer.distributed import init_distributed
     from trainer.loop import run_training
 

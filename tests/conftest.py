@@ -1,0 +1,21 @@
+"""Shared fixtures: the embedded demo shards (built once per session) and run launchers."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Demo latent shards at 64 and 128 px (real photos → PCA latents), shared by the trainer tests."""
+    from data_pipeline.demo_data import build_demo_data
+
+    root = tmp_path_factory.mktemp("demo_data")
+    build_demo_data(str(root), resolutions=(64, 128), seed=0)
+    return str(root)

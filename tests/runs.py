@@ -1,0 +1,94 @@
+"""Launch real training runs (1 process, or N CPU ranks through the deepspeed launcher / torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_cmd(nprocs: int, overrides: list[str], *, config="configs/tiny.yaml", ds_config="zero2.json",
+              launcher="deepspeed") -> list[str]:
+    script = os.path.join(REPO, "trainer", "main.py")
+    args = ["--config", os.path.join(REPO, config), "--ds_config", ds_config, *overrides]
+    if launcher == "python" or nprocs == 1 and launcher != "deepspeed":
+        return [sys.executable, script, *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                "--master_port", str(_free_port()), script, *args]
+    return ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_free_port()), script, *args]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["WANDB_MODE"] = env.get("WANDB_MODE", "offline")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    return env
+
+
+def run_training(nprocs: int, overrides: list[str], *, timeout: float = 300, check: bool = True, **kw):
+    cmd = train_cmd(nprocs, overrides, **kw)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start_training(nprocs: int, overrides: list[str], **kw) -> subprocess.Popen:
+    cmd = train_cmd(nprocs, overrides, **kw)
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> str:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def losses_by_step(run_dir: str) -> dict[int, float]:
+    """Last logged loss of each step (a resumed run may log a step twice; the later one wins)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
