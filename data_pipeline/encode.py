@@ -107,7 +107,7 @@ class EncodeJob:
     def __init__(self, source: ImageSource, out_root: str, resolutions: Sequence[int], vae, *,
                  samples_per_shard: int = 1000, batch_size: int = 32, hflip: bool = False, num_parts: int = 1,
                  part: int = 0, latent_dtype: str = "float16", vae_file: str | None = None, progress: bool = True,
-                 shuffle_seed: int | None = 0):
+                 shuffle_seed: int | None = 0, loader_threads: int = 4):
         if samples_per_shard < 1 or batch_size < 1:
             raise ValueError("samples_per_shard and batch_size must be >= 1")
         for resolution in resolutions:
@@ -126,6 +126,7 @@ class EncodeJob:
         self.vae_file = vae_file
         self.progress = progress
         self.shuffle_seed = shuffle_seed
+        self.loader_threads = max(1, loader_threads)
         items = plan_items(len(source), hflip, shuffle_seed)
         self.first_item, stop = part_range(len(items), num_parts, part)
         self.items = items[self.first_item : stop]
@@ -168,38 +169,51 @@ class EncodeJob:
             write_classes(directory, self.source.class_names)
 
     def _encode_images(self, images: torch.Tensor) -> np.ndarray:
-        """(N, 3, R, R) in [-1, 1] -> (N, C, R/f, R/f) in the shard dtype, in VAE-sized batches."""
-        chunks = [self.vae.encode(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        return torch.cat(chunks).numpy().astype(self.latent_dtype)
+        """(N, 3, R, R) in [-1, 1] -> (N, C, R/f, R/f) in the shard dtype."""
+        return self.vae.encode(images).numpy().astype(self.latent_dtype)
 
-    def _write_shard(self, index: int, items: list[tuple[int, bool]], missing: list[int]) -> dict[int, int]:
-        image_indices = sorted({image for image, _ in items})
-        loaded = {i: _load_or_none(self.source, i) for i in image_indices}
-        counts = {}
-        for resolution in missing:
-            arrays, labels, keys = [], [], []
-            for offset, (image_index, flip) in enumerate(items):
-                image = loaded[image_index]
-                if image is None:
+    def _crops(self, image_index: int, resolutions: Sequence[int]) -> dict[int, np.ndarray] | None:
+        image = _load_or_none(self.source, image_index)
+        return None if image is None else {r: center_crop_arr(image, r) for r in resolutions}
+
+    def _write_shard(self, index: int, items: list[tuple[int, bool]], missing: list[int], pool) -> dict[int, int]:
+        """Stream one shard per missing resolution, a VAE batch at a time (bounded memory at 512 px)."""
+        writers = {
+            r: ShardWriter(os.path.join(self.directory(r), shard_file_name(index, self.part, self.num_parts)))
+            for r in missing
+        }
+        try:
+            for begin in range(0, len(items), self.batch_size):
+                batch = items[begin : begin + self.batch_size]
+                unique = sorted({image for image, _ in batch})
+                crops = dict(zip(unique, pool.map(lambda i: self._crops(i, missing), unique)))  # ordered: deterministic
+                kept = [(offset, image, flip) for offset, (image, flip) in enumerate(batch, begin) if crops[image] is not None]
+                if not kept:
                     continue
-                crop = center_crop_arr(image, resolution)
-                arrays.append(np.ascontiguousarray(crop[:, ::-1]) if flip else crop)
-                labels.append(self.source.label(image_index))
-                keys.append(f"{self.first_item + index * self.samples_per_shard + offset:010d}")
-            path = os.path.join(self.directory(resolution), shard_file_name(index, self.part, self.num_parts))
-            with ShardWriter(path) as writer:
-                if arrays:
+                keys = [f"{self.first_item + index * self.samples_per_shard + offset:010d}" for offset, _, _ in kept]
+                labels = [self.source.label(image) for _, image, _ in kept]
+                for resolution, writer in writers.items():
+                    arrays = [np.ascontiguousarray(crops[image][resolution][:, ::-1]) if flip else crops[image][resolution]
+                              for _, image, flip in kept]
                     latents = self._encode_images(uint8_to_model(arrays))  # (N, C, h, w)
                     for key, latent, label in zip(keys, latents, labels):
                         writer.write(key, latent, label)
-            counts[resolution] = writer.num_samples
-        return counts
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for writer in writers.values():
+            writer.close()
+        return {r: writer.num_samples for r, writer in writers.items()}
 
     def run(self) -> dict[int, dict]:
         """Encode (skipping finished shards) and return {resolution: part manifest}."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm import tqdm
 
         self._prepare()
+        pool = ThreadPoolExecutor(max_workers=self.loader_threads)  # PIL decodes and resizes outside the GIL
         num_shards = math.ceil(len(self.items) / self.samples_per_shard)
         counts: dict[int, list[int]] = {r: [0] * num_shards for r in self.resolutions}
         skipped = 0
@@ -214,12 +228,13 @@ class EncodeJob:
                 else:
                     missing.append(resolution)
             if missing:
-                for resolution, count in self._write_shard(index, items, missing).items():
+                for resolution, count in self._write_shard(index, items, missing, pool).items():
                     counts[resolution][index] = count
             else:
                 skipped += 1
             bar.update(len(items))
         bar.close()
+        pool.shutdown()
         if skipped:
             log.info("part %d: %d finished shard(s) found and skipped", self.part, skipped)
         self.skipped_existing_shards = skipped
@@ -296,6 +311,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     encode.add_argument("--samples-per-shard", type=int, default=1000)
     encode.add_argument("--no-shuffle", action="store_true", help="keep input order in shards (default: seeded shuffle)")
     encode.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
+    encode.add_argument("--loader-threads", type=int, default=min(8, os.cpu_count() or 1),
+                        help="threads decoding and cropping images")
     encode.add_argument("--latent-dtype", choices=("float16", "float32"), default="float16")
     parts, part = slurm_part_defaults()
     encode.add_argument("--num-shards-total", type=int, default=parts, help="number of parts (default: Slurm array size)")
@@ -326,7 +343,8 @@ def run_encode(args) -> dict[int, dict]:
     job = EncodeJob(source, args.out, args.resolutions, vae, samples_per_shard=args.samples_per_shard,
                     batch_size=args.batch_size, hflip=args.hflip, num_parts=args.num_shards_total,
                     part=args.shard_index, latent_dtype=args.latent_dtype, vae_file=vae_file,
-                    progress=not args.no_progress, shuffle_seed=None if args.no_shuffle else args.seed)
+                    progress=not args.no_progress, shuffle_seed=None if args.no_shuffle else args.seed,
+                    loader_threads=args.loader_threads)
     return job.run()
 
 
