@@ -151,10 +151,6 @@ def write_manifest(path: str, manifest: dict) -> None:
     write_json_atomic(path, validate_manifest(manifest, source=path))
 
 
-def manifest_dir(path_or_dir: str) -> str:
-    return path_or_dir if os.path.isdir(path_or_dir) else os.path.dirname(os.path.abspath(path_or_dir))
-
-
 def load_manifest(manifest_or_dir: str | dict) -> tuple[dict, str | None]:
     """Accept a manifest dict, a manifest path or a shard-set folder; return (manifest, folder)."""
     if isinstance(manifest_or_dir, dict):
