@@ -349,8 +349,13 @@ def classify(returncode: int, ends: list[TaskEnd], launcher: str = "srun") -> Ou
     if not bad:
         bad = [e for e in ends if e.code is None]  # killed by a signal (OOM killer, segfault, ...)
     if bad:
-        names = ", ".join(f"{unit} {e.task} on {e.node}: {e.what}" for e in bad)
-        code = next((e.code for e in bad if e.code), None) or (returncode if returncode > 0 else 1)
+        # srun reports ends in the order it saw them: the first bad one is the cause; the others
+        # usually followed from it (peers losing their connection, srun's --kill-on-bad-exit).
+        first, rest = bad[0], [e for e in ends if e is not bad[0] and e.code != 0]
+        names = f"{unit} {first.task} on {first.node}: {first.what}"
+        if rest:
+            names += "; after it: " + ", ".join(f"{unit} {e.task} ({e.what})" for e in rest)
+        code = first.code or next((e.code for e in bad if e.code), None) or (returncode if returncode > 0 else 1)
         return Outcome("failed", code, f"training FAILED: {names}", bad)
     code = returncode if returncode > 0 else 1
     how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
