@@ -534,18 +534,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if outcome.status == "preempted":
         if runner.preempt_signal in ("SIGTERM", "SIGINT"):
-            # TERM/INT come from scancel or the time limit: Slurm is ending the job, a requeue would be
-            # refused or would fight the cancel. Resubmitting resumes from the checkpoint just written.
-            log(f"checkpoint saved after {runner.preempt_signal}; not requeueing (job cancelled or out of time); "
-                f"resubmit to resume from {run_dir}/checkpoints")
+            # TERM/INT reach the batch shell from `scancel`, the hard time limit or a node shutdown; Slurm
+            # would accept a requeue even of a cancelled job, so requeueing here would make the job
+            # impossible to cancel. (Slurm's own preemption with PreemptMode=REQUEUE requeues by itself.)
+            log(f"checkpoint saved after {runner.preempt_signal} (scancel / time limit); not requeueing. "
+                f"Resubmit the same command to resume from {run_dir}/checkpoints")
             append_history(run_dir, dict(record, requeued=False))
             return EXIT_PREEMPTED
         log(f"{outcome.message}; requeueing job {alloc.job_id} (attempt {alloc.restart + 1} will resume)")
         ok = requeue(alloc.job_id)
         append_history(run_dir, dict(record, requeued=ok))
         if not ok:
-            print(f"error: requeue of job {alloc.job_id} failed; checkpoints in {run_dir}/checkpoints are intact: "
-                  f"resubmit the same command to resume", file=sys.stderr, flush=True)
+            print(f"error: requeue of job {alloc.job_id} refused (cancelled or out of time?); checkpoints in "
+                  f"{run_dir}/checkpoints are intact: resubmit the same command to resume", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         return 0
     print(f"error: {outcome.message}. Lines of each rank are prefixed with its number (srun --label). "

@@ -9,6 +9,7 @@ Jobs (2 CPU ranks each, tiny DiT, fp32 — deterministic, so losses compare exac
 - an uninterrupted 60-step run of cluster/train_xl.slurm (also the reference trajectory);
 - the same job sent USR1 mid-run: checkpoint → exit 75 → self-requeue → resume → equal losses;
 - a config typo: FAILED in seconds with the key named;
+- scancel: a checkpoint within KillWait, the job stays CANCELLED (no requeue);
 - a killed rank: FAILED with the rank named, last checkpoint intact;
 - an encode array of 2 tasks: disjoint shards covering every image exactly once.
 """
@@ -247,6 +248,25 @@ def test_invalid_config_fails_fast_naming_the_key(slurm, demo_root, tmp_path):
     assert re.search(r"^error: .*train\.max_step\b", text, re.M), text
     assert "starting 2 rank(s)" not in text  # nothing was launched
     assert elapsed < 60
+
+
+def test_scancel_checkpoints_and_stays_cancelled(slurm, demo_root, tmp_path):
+    """A user's scancel (TERM to every process) saves a checkpoint within KillWait but never requeues."""
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job-%j.out")
+    job = submit("cluster/train_xl.slurm", out, train_env(run_dir, demo_root, "train.max_steps=400"), CPU_ALLOC)
+    out = out.replace("%j", job)
+    wait_for(lambda: len(metrics(run_dir)) >= 5 or job_info(job).get("JobState") in TERMINAL, 150,
+             "5 logged steps", lambda: read_output(out)[-4000:])
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    info = wait_job(job, out, 90, "end after scancel")
+    wait_for(lambda: "not requeueing" in read_output(out) or job_info(job).get("JobState") == "PENDING", 30,
+             "the launcher's last line", lambda: read_output(out)[-3000:])
+    info = job_info(job)
+    text = read_output(out)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info.get('JobState')}\n{text[-3000:]}"
+    m = re.search(r"preempted \(SIG(?:TERM|USR1)\) at step (\d+)", text)
+    assert m and "not requeueing" in text, text[-3000:]
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == f"step{int(m.group(1)):08d}"
 
 
 def _rank_pids(job_id: str, rank: str) -> list[int]:
