@@ -97,6 +97,7 @@ class TrainSection:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_every: int = 1
+    max_nan_steps: int = 5  # stop (with a checkpoint of the last good weights) after this many non-finite steps in a row
 
 
 @dataclass
@@ -113,6 +114,10 @@ class LogSection:
     every: int = 10
     sample_every: int = 0  # 0 = only at the end of training
     wandb: WandbSection = field(default_factory=WandbSection)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU table by device name, or a measured matmul on CPU
+    stall_minutes: float = 30.0  # no optimizer step for this long -> stall alert (0 = no watchdog)
+    heartbeat_seconds: float = 30.0  # how often the logging rank rewrites run.dir/heartbeat.json
+    spike_factor: float = 3.0  # loss above factor x its running median -> loss-spike alert (0 = off)
 
 
 @dataclass

@@ -22,6 +22,8 @@ from trainer.distributed import all_reduce_max_flag, barrier
 from trainer.ema import EMA
 from trainer.lr_schedule import StageLRScheduler
 from trainer.metrics import JsonlSink, Metrics, NullSink
+from trainer.alerts import optimizer_update_skipped
+from trainer.monitor import EXIT_NAN_STOP, Monitor
 from trainer.model_factory import architecture, build_model, build_objective_from_config
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
 from trainer.seeding import rng_state, seed_everything, set_rng_state, step_generator
@@ -73,7 +75,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     @property
     def dp_rank(self) -> int:
-        return self.rank // (self.topo.tensor * self.topo.pipeline) if self.topo.tensor * self.topo.pipeline > 1 else self.rank
+        return self.topo.coords(self.rank).data  # DeepSpeed's rank order (pipe, data, tensor): trainer/topology.py
 
     def _is_logging_rank(self) -> bool:
         return self.rank == 0
@@ -93,11 +95,16 @@ class Trainer:
         self.ds = ds
         stages = self.stages
         schedule, min_lr = cfg.train.lr_schedule, cfg.train.min_lr
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds,
-            lr_scheduler=lambda opt: StageLRScheduler(opt, stages, schedule, min_lr))
+        from trainer.parallelize import build_engine  # TP / PP / DeepSpeed-MoE per the topology; plain DP as before
+
+        self.par = build_engine(model, arch=self.arch, topo=self.topo, ds=ds, objective=self.objective,
+                                param_groups=lambda m: param_groups(m, cfg.train.weight_decay),
+                                lr_scheduler=lambda opt: StageLRScheduler(opt, stages, schedule, min_lr),
+                                grad_checkpoint=cfg.model.grad_checkpoint,
+                                pipeline_partition=cfg.parallel.pipeline_partition)
+        self.engine, self.optimizer, self.scheduler = self.par.engine, self.par.optimizer, self.par.scheduler
         self.model = self.engine.module
-        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.ema = self.par.make_ema(cfg.train.ema_decay)
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
@@ -108,6 +115,7 @@ class Trainer:
         barrier()
         self._resume_or_init()
         self.metrics = self._build_metrics()
+        self.monitor = Monitor(self).start()  # trainer/monitor.py: MFU, NaN skipping, alerts, heartbeat
 
     def _build_metrics(self) -> Metrics:
         if not self._is_logging_rank():
@@ -156,10 +164,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def _set_stage_shape(self, stage: Stage) -> None:
-        shards = self.shard_sets[stage.index]
-        size = shards.latent_shape[1]
-        if hasattr(self.model, "set_input_size"):
+        """Token grid, position table and DeepSpeed batch sizes for ``stage``."""
+        size = self.shard_sets[stage.index].latent_shape[1]
+        if self.engine.zero_optimization_stage() == 3:
+            # The pos_embed parameter is partitioned under ZeRO-3 and cannot change shape; the model then
+            # computes (and caches) the table for the new grid on the fly, with the same values.
+            self.model.pe_interpolate = bool(self.cfg.pe_interpolation)
+        else:
             self.model.set_input_size(size, interpolate=self.cfg.pe_interpolation)
+        self.arch["input_size"] = size
+        self.state.model_config = dict(self.arch)
         self.engine.set_train_micro_batch_size(stage.micro_batch)
         self.engine.set_train_batch_size(stage.global_batch)
 
@@ -188,21 +202,38 @@ class Trainer:
         t = self.objective.sample_timesteps(n, generator=g).to(self.device)
         noise = torch.randn(x.shape, generator=g).to(self.device)
         drop = (torch.rand(n, generator=g) < self.arch["class_dropout_prob"]).long().to(self.device)
+        timer = self.monitor.timer
+        timer.start()
         out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},
                                              noise=noise)
-        loss = out["loss"].float().mean()
+        timer.stop("fwd")
+        loss = self.monitor.inject_fault(out["loss"].float().mean(), micro)
         total = loss
         if "moe" in self.arch:
             total = total + self.model.moe_aux_loss()  # already weighted by model.moe.aux_loss_coef
+        if self.monitor.nonfinite(total):  # agreed across ranks; the whole step is skipped (trainer/alerts.py)
+            total = total * 0.0  # backward/step still run so DeepSpeed's counters stay consistent
+        self.monitor.timesteps(t, out["loss"])
+        timer.start()
         self.engine.backward(total)
-        self.engine.step()
+        timer.stop("bwd")
+        timer.start()
+        with optimizer_update_skipped(self.engine, self.monitor.step_skipped):
+            self.engine.step()
+        timer.stop("opt")
         return {"loss": loss.detach(), "mse": out["mse"].float().mean().detach(),
                 "vb": out["vb"].float().mean().detach()}
 
     def _train_step(self, it, stage: Stage) -> dict:
         gas = stage.global_batch // (stage.micro_batch * self.topo.data)
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this step trains with
         sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
-        for micro in range(gas):
+        self.monitor.begin_step()
+        if self.par.pipeline:  # DeepSpeed's pipeline schedule runs all micro-batches (trainer/pipeline_step.py)
+            from trainer.pipeline_step import train_batch
+
+            sums = {k: v * gas for k, v in train_batch(self, it, gas).items()}
+        for micro in range(0 if self.par.pipeline else gas):
             t0 = time.perf_counter()
             batch = next(it)
             self.data_time += time.perf_counter() - t0
@@ -212,7 +243,8 @@ class Trainer:
         self.state.data_batches += gas
         self.state.step += 1
         self.state.samples_seen += stage.global_batch
-        if self.state.step % self.cfg.train.ema_every == 0:
+        skipped = self.monitor.end_step()  # a skipped (non-finite) step changed no weights: no EMA update either
+        if self.state.step % self.cfg.train.ema_every == 0 and not skipped:
             self.ema.update()
         return {k: v / gas for k, v in sums.items()}
 
@@ -232,17 +264,21 @@ class Trainer:
         record = {
             "step": self.state.step,
             "loss": means["loss"], "mse": means["mse"], "vb": means["vb"],
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.step_lr,
             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "samples_per_sec": self.samples_since_log / elapsed,
             "step_time": elapsed / max(self.steps_since_log, 1),
             "data_time": self.data_time / max(self.steps_since_log, 1),
             "resolution": stage.resolution, "stage": stage.index,
+            "tokens": (self.arch["input_size"] // self.arch["patch_size"]) ** 2,
             "samples_seen": self.state.samples_seen,
             "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "time": now,
         }
+        record.update(self.monitor.fields(stage, record["samples_per_sec"], record["step_time"],
+                                          self.steps_since_log))  # collective: MFU, memory, ETA, quartiles...
         self.metrics.log(record)
+        self.monitor.after_log(record)
         if self.rank == 0 and (self.state.step % (self.cfg.log.every * 10) == 0 or self.state.step == 1):
             log0(f"step {self.state.step}/{self.stages[-1].end_step} loss {record['loss']:.4f} "
                  f"lr {record['lr']:.2e} {record['samples_per_sec']:.1f} samples/s")
@@ -250,7 +286,8 @@ class Trainer:
 
     def save(self) -> str:
         path = ckpt.save_checkpoint(self.engine, self.ema, self.state, self.ckpt_dir, self.cfg.checkpoint.keep_last,
-                                    rng_state())
+                                    rng_state(), ema_writer_ranks=self.par.ema_writer_ranks,
+                                    extra_save=self.par.save_extra)
         log0(f"checkpoint {path}")
         return path
 
@@ -295,6 +332,12 @@ class Trainer:
                 step = self.state.step
                 if step % self.cfg.log.every == 0 or step == stage.end_step:
                     self._log(parts, stage)
+                if self.monitor.should_stop:  # train.max_nan_steps non-finite steps in a row (all ranks agree)
+                    self.save()  # skipped steps changed no weights: this is the last good state
+                    self.monitor.nan_stop()
+                    self.monitor.close("failed")
+                    self.metrics.close()
+                    return EXIT_NAN_STOP
                 saved = False
                 if step % stage.checkpoint_every == 0 or step == stage.end_step:
                     self.save()
@@ -307,10 +350,12 @@ class Trainer:
                     log0(f"preempted ({self.preempt.signal_name or 'signal on another rank'}) at step {step}; "
                          f"checkpoint saved, exiting with {EXIT_PREEMPTED} for requeue")
                     self.metrics.alert("preempted", f"checkpointed at step {step}", "INFO")
+                    self.monitor.close("preempted")
                     self.metrics.close()
                     return EXIT_PREEMPTED
         self.sample(self.stages[-1], name="final.png")
         self.metrics.event({"step": self.state.step, "event": "finished"})
+        self.monitor.close("finished")
         self.metrics.close()
         log0(f"finished {self.state.step} steps; outputs in {os.path.abspath(self.run_dir)}")
         return 0
@@ -327,6 +372,12 @@ def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device) -> 
     trainer.setup()
     try:
         return trainer.train()
+    except Exception as exc:
+        monitor = getattr(trainer, "monitor", None)
+        if monitor is not None:  # an 'error' event and alert for the status tool, then the real traceback
+            monitor.error(exc)
+            monitor.close("crashed")
+        raise
     finally:
         trainer.preempt.restore()
         sys.stdout.flush()

@@ -73,15 +73,24 @@ class NullSink:
 class Metrics:
     """Fan-out to several sinks; each sink's failure is isolated."""
 
+    MAX_FAILURES = 10  # consecutive failures after which a sink is dropped for the rest of the run
+
     def __init__(self, sinks):
         self.sinks = list(sinks)
+        self._failures = {}
 
     def _each(self, method: str, *args, **kwargs) -> None:
-        for sink in self.sinks:
+        for sink in list(self.sinks):
             try:
                 getattr(sink, method)(*args, **kwargs)
+                self._failures[id(sink)] = 0
             except Exception as exc:  # noqa: BLE001 - monitoring must never stop training
+                n = self._failures[id(sink)] = self._failures.get(id(sink), 0) + 1
                 print(f"[metrics] WARNING: {type(sink).__name__}.{method} failed: {exc}", file=sys.stderr)
+                if n >= self.MAX_FAILURES and len(self.sinks) > 1:
+                    print(f"[metrics] WARNING: {type(sink).__name__} failed {n} times in a row; dropped",
+                          file=sys.stderr)
+                    self.sinks.remove(sink)
 
     def log(self, record: dict) -> None:
         self._each("log", record)

@@ -1,0 +1,228 @@
+"""Metric computations for monitoring: MFU, peak FLOP/s, memory, ETA, loss by timestep quartile, MoE load.
+
+The training loop only calls into this module; the arithmetic lives here so that it can be tested
+without a training run.
+
+MFU (model FLOPs utilisation), per device::
+
+    model FLOPs per sample  F = model.flops_per_sample(train=True)   (models/flops.py: 3 x forward,
+                                                                        2 FLOPs per multiply-add)
+    achieved FLOP/s per device = F * samples_per_sec / world_size
+    MFU = achieved FLOP/s per device / peak FLOP/s per device
+
+Samples skipped by a non-finite step still count (the work was done). Peak FLOP/s come from
+``log.peak_tflops`` when set; otherwise from ``GPU_PEAK_TFLOPS`` (dense, no sparsity) by
+``torch.cuda.get_device_name``; on CPU from a short matmul measured at start-up with the rank's
+own thread count (so MFU on CPU is relative to what this process can actually get from a GEMM).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Optional
+
+import torch
+
+# Dense peak TFLOP/s per device: (bf16/fp16 tensor core, fp32 [TF32 where the hardware has it]).
+# Sources: NVIDIA/AMD data sheets (SXM/OAM parts; PCIe parts are lower and matched first).
+GPU_PEAK_TFLOPS = [
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100 NVL", (835.0, 418.0)),
+    ("H100", (989.0, 494.0)),
+    ("H200", (989.0, 494.0)),
+    ("H800", (989.0, 494.0)),
+    ("GH200", (989.0, 494.0)),
+    ("B200", (2250.0, 1100.0)),
+    ("A100", (312.0, 156.0)),
+    ("A800", (312.0, 156.0)),
+    ("A10G", (70.0, 35.0)),
+    ("A10", (125.0, 62.5)),
+    ("L40S", (362.0, 183.0)),
+    ("L40", (181.0, 90.5)),
+    ("L4", (121.0, 60.0)),
+    ("RTX 4090", (165.0, 82.6)),
+    ("RTX 3090", (71.0, 35.6)),
+    ("V100", (125.0, 15.7)),
+    ("T4", (65.0, 8.1)),
+    ("MI300X", (1307.0, 654.0)),
+    ("MI250X", (383.0, 95.7)),
+]
+
+
+def gpu_peak_tflops(name: str, precision: str) -> Optional[float]:
+    """Table lookup by device name (first matching entry); None for an unknown device."""
+    for key, (half, single) in GPU_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return half if precision in ("bf16", "fp16") else single
+    return None
+
+
+def measure_matmul_tflops(precision: str = "fp32", n: int = 512, min_seconds: float = 0.2,
+                          device: torch.device | str = "cpu") -> float:
+    """Measured n x n matmul throughput in TFLOP/s (2 n^3 FLOPs per product), best of a few timings."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        dtype = torch.bfloat16
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up
+    best, reps, spent = 0.0, 1, 0.0
+    while spent < min_seconds:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        spent += dt
+        best = max(best, 2 * n ** 3 * reps / max(dt, 1e-9) / 1e12)
+        reps *= 2
+    return best
+
+
+def peak_tflops(configured: float, device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where the number came from)."""
+    if configured and configured > 0:
+        return float(configured), "config log.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = gpu_peak_tflops(name, precision)
+        if found is not None:
+            return found, f"table ({name}, {precision})"
+        return measure_matmul_tflops(precision, n=4096, device=device), f"measured matmul on {name}"
+    return measure_matmul_tflops(precision), f"measured {precision} matmul on CPU, {torch.get_num_threads()} threads"
+
+
+def mfu(flops_per_sample: float, samples_per_sec: float, world_size: int, peak_tflops_per_device: float) -> float:
+    """Model FLOPs utilisation in [0, 1] (see the module docstring)."""
+    if peak_tflops_per_device <= 0 or world_size <= 0:
+        return float("nan")
+    return flops_per_sample * samples_per_sec / world_size / (peak_tflops_per_device * 1e12)
+
+
+def memory_stats(device: torch.device) -> dict:
+    """GPU: allocated / reserved / peak allocated (GB). CPU: resident set size now and peak (GB)."""
+    out = {}
+    if device.type == "cuda":
+        out["mem_allocated_gb"] = torch.cuda.memory_allocated(device) / 2 ** 30
+        out["mem_reserved_gb"] = torch.cuda.memory_reserved(device) / 2 ** 30
+        out["mem_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    out["rss_gb"] = current_rss_bytes() / 2 ** 30
+    out["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # ru_maxrss is KiB
+    return out
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def eta_seconds(step: int, total_steps: int, seconds_per_step: float) -> float:
+    if seconds_per_step <= 0 or not seconds_per_step == seconds_per_step:
+        return float("nan")
+    return max(0, total_steps - step) * seconds_per_step
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    if seconds is None or seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "n/a"
+    seconds = int(max(0, seconds))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+# --------------------------------------------------------------------------- loss by timestep quartile
+QUARTILES = 4
+
+
+def timestep_range(objective) -> float:
+    """Upper end of the training timestep range: T for discrete diffusion (t in 0..T-1), 1 for flow (t in [0, 1])."""
+    return float(getattr(objective, "num_timesteps", 1.0))
+
+
+def timestep_bin_sums(t: torch.Tensor, per_sample_loss: torch.Tensor, t_max: float, bins: int = QUARTILES) -> torch.Tensor:
+    """(2 * bins,) float64: per-bin sum of losses, then per-bin counts. Bin k holds t in [k, k+1) * t_max / bins."""
+    t = t.detach().double().reshape(-1).cpu()
+    loss = per_sample_loss.detach().double().reshape(-1).cpu()
+    idx = torch.clamp((t / t_max * bins).floor().long(), 0, bins - 1)
+    sums = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, loss)
+    counts = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(loss))
+    return torch.cat([sums, counts])
+
+
+def quartile_means(sums_counts: torch.Tensor, bins: int = QUARTILES) -> dict:
+    """{'loss_q0': ..., 'loss_q3': ...} (q0 = the least noisy quarter of timesteps); NaN for an empty bin."""
+    sums, counts = sums_counts[:bins], sums_counts[bins:]
+    return {f"loss_q{k}": (float(sums[k] / counts[k]) if counts[k] > 0 else float("nan")) for k in range(bins)}
+
+
+# --------------------------------------------------------------------------- MoE
+def moe_summary(stats: list[dict]) -> dict:
+    """Expert load over the MoE blocks of the last forward: share of routed tokens per expert (mean over
+    blocks), max load / mean load (1 = perfectly balanced), dropped-token share and balance loss (means)."""
+    if not stats:
+        return {}
+    loads = []
+    for s in stats:
+        c = torch.as_tensor(s["expert_counts"], dtype=torch.float64)
+        loads.append(c / c.sum().clamp_min(1.0))
+    load = torch.stack(loads).mean(0)
+    out = {f"moe_load_e{i}": float(v) for i, v in enumerate(load)}
+    out["moe_max_load"] = float(max(float(ld.max()) * len(ld) for ld in loads))
+    out["moe_drop_rate"] = sum(float(s["dropped_fraction"]) for s in stats) / len(stats)
+    out["moe_balance_loss"] = sum(float(s["balance_loss"]) for s in stats) / len(stats)
+    return out
+
+
+# --------------------------------------------------------------------------- step-time split
+class PhaseTimer:
+    """Seconds per step spent in forward, backward, optimizer step and the loop's own collectives.
+
+    ``sync`` is the time in the trainer's explicit collectives (NaN agreement, metric reduction).
+    ZeRO's gradient reduce-scatter runs inside backward and its parameter all-gather inside the
+    optimizer step, so on CPU/gloo those are part of ``bwd_time`` / ``opt_time``; set
+    ``wall_clock_breakdown`` in the DeepSpeed JSON for DeepSpeed's own finer split.
+
+    On CUDA the phases are separated by a device synchronisation, otherwise kernel time would land in
+    whichever phase happens to wait for it.
+    """
+
+    PHASES = ("fwd", "bwd", "opt", "sync")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals = {p: 0.0 for p in self.PHASES}
+        self._t0 = None
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        if self._t0 is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.totals[phase] += time.perf_counter() - self._t0
+        self._t0 = None
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] += seconds
+
+    def take(self, steps: int) -> dict:
+        out = {f"{p}_time": v / max(steps, 1) for p, v in self.totals.items()}
+        self.totals = {p: 0.0 for p in self.PHASES}
+        return out
