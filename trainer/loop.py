@@ -352,6 +352,7 @@ class Trainer:
                     self.metrics.alert("preempted", f"checkpointed at step {step}", "INFO")
                     self.monitor.close("preempted")
                     self.metrics.close()
+                    barrier()  # no rank exits (and gets its peers killed by srun) before W&B has flushed
                     return EXIT_PREEMPTED
         self.sample(self.stages[-1], name="final.png")
         self.metrics.event({"step": self.state.step, "event": "finished"})

@@ -1,0 +1,72 @@
+"""Progressive resolution: two stages (latent 8×8 → 16×16) on 2 CPU ranks, boundary, resume, validation."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.runs import REPO, _env, kill_group, losses_by_step, read_metrics, run_training, start_training, wait_for
+
+CONFIG = "configs/tiny_progressive.yaml"
+
+
+def _over(demo_root, run_dir, *extra):
+    return [f"data.root={demo_root}", f"run.dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def progressive_run(demo_root, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("prog"))
+    run_training(2, _over(demo_root, run_dir), config=CONFIG, ds_config="zero2.json")
+    return run_dir
+
+
+def _module_pos_embed(ckpt):
+    states = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return states["module"]["pos_embed"]
+
+
+def test_two_stages_cross_the_boundary(progressive_run):
+    records = read_metrics(progressive_run)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [(r["resolution"], r["tokens"], r["stage"]) for r in records[:6]] == [(64, 16, 0)] * 6
+    assert [(r["resolution"], r["tokens"], r["stage"]) for r in records[6:]] == [(128, 64, 1)] * 6
+    assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in records)  # finite
+    # Stage 2 restarts its lr schedule: warmup 2 steps up to its own lr 5e-4.
+    assert [r["lr"] for r in records[6:9]] == pytest.approx([2.5e-4, 5e-4, 5e-4])
+    ck = os.path.join(progressive_run, "checkpoints")
+    # A checkpoint at the stage boundary (step 6) holds the 4×4 table, the final one the 8×8 table.
+    assert tuple(_module_pos_embed(os.path.join(ck, "step00000006")).shape) == (1, 16, 64)
+    final_table = _module_pos_embed(os.path.join(ck, "step00000012"))
+    assert tuple(final_table.shape) == (1, 64, 64)
+    from models.pos_embed import sincos_2d
+
+    torch.testing.assert_close(final_table[0], sincos_2d(64, 8, 8).float())
+    assert os.path.exists(os.path.join(progressive_run, "samples", "final.png"))
+
+
+def test_killed_in_stage_two_resumes_exactly(demo_root, progressive_run, tmp_path):
+    run_dir = str(tmp_path / "killed")
+    over = _over(demo_root, run_dir, "checkpoint.every=4")
+    proc = start_training(2, over, config=CONFIG, ds_config="zero2.json")
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    try:
+        wait_for(lambda: os.path.exists(latest) and open(latest).read().strip() == "step00000008", 240,
+                 "the step-8 checkpoint (inside stage 2)")
+    finally:
+        kill_group(proc)
+    run_training(2, over, config=CONFIG, ds_config="zero2.json")
+    ref, got = losses_by_step(progressive_run), losses_by_step(run_dir)
+    for step in range(9, 13):
+        assert got[step] == pytest.approx(ref[step], rel=1e-9), f"step {step}"
+
+
+def test_stage_with_missing_shards_is_rejected_before_training(demo_root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "trainer/main.py", "--config", CONFIG, f"data.root={demo_root}", f"run.dir={tmp_path}/r",
+         "stages=[{resolution: 64, steps: 2}, {resolution: 256, steps: 2}]"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"{demo_root}/256" in proc.stderr and "resolution 256" in proc.stderr
+    assert not os.path.exists(f"{tmp_path}/r/checkpoints")
