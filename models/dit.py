@@ -305,7 +305,8 @@ class DiT(nn.Module):
         """Per MoE block, from the last forward (detached): expert token counts, dropped share, balance loss."""
         stats = []
         for i, block in enumerate(self.blocks):
-            if isinstance(block.mlp, MoEFeedForward) and block.last_moe_counts is not None:
+            # MoEFeedForward or models/parallel/moe.py's DeepSpeed adapter (same attributes)
+            if hasattr(block.mlp, "last_dropped_fraction") and block.last_moe_counts is not None:
                 stats.append(dict(
                     block=i,
                     expert_counts=block.last_moe_counts.detach().cpu(),

@@ -144,8 +144,12 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: int, rng: dict,
-                    ema_writer_ranks: Optional[set] = None) -> str:
-    """Collective: every rank calls it. Returns the published path."""
+                    ema_writer_ranks: Optional[set] = None, extra_save=None) -> str:
+    """Collective: every rank calls it. Returns the published path.
+
+    ``extra_save(tmp_path)``, when given, runs on every rank before the checkpoint is sealed (model-parallel
+    layouts write their weight slices under official names there, for export: trainer/parallelize.py).
+    """
     tag = tag_for_step(state.step)
     tmp_tag = ".tmp-" + tag
     tmp_path = os.path.join(ckpt_dir, tmp_tag)
@@ -162,6 +166,8 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
     elif ema_writer_ranks is None and rank == 0 or ema_writer_ranks is not None and rank in ema_writer_ranks:
         torch.save(ema_state, os.path.join(tmp_path, "ema.pt" if ema_writer_ranks is None else f"ema_rank{rank:05d}.pt"))
     torch.save(rng, os.path.join(tmp_path, f"rng_rank{rank:05d}.pt"))
+    if extra_save is not None:
+        extra_save(tmp_path)
     _barrier()
     if rank == 0:
         _atomic_write_text(os.path.join(tmp_path, "trainer_state.json"), json.dumps(state.to_json(), indent=2))
