@@ -127,22 +127,6 @@ def eta_seconds(step: int, total_steps: int, seconds_per_step: float) -> float:
     return max(0, total_steps - step) * seconds_per_step
 
 
-def format_duration(seconds: Optional[float]) -> str:
-    if seconds is None or seconds != seconds or seconds in (float("inf"), float("-inf")):
-        return "n/a"
-    seconds = int(max(0, seconds))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
-
-
 # --------------------------------------------------------------------------- loss by timestep quartile
 QUARTILES = 4
 
