@@ -1,0 +1,153 @@
+"""Side-by-side train-step throughput: our DiT vs diffusers' DiTTransformer2DModel, same config and weights.
+
+One train step = forward + MSE loss against a target + backward + AdamW step, at latent 32x32, batch 8,
+in fp32 and under bf16 autocast (fp32 master weights). Steps of the two models are interleaved after a
+warmup and the median is reported, so drifting machine speed hits both alike. MFU is model FLOPs
+(models/flops.py, 3x forward per training sample) over the matmul peak measured in the same run.
+
+    python benchmarks/bench_model_step.py                      # DiT-S/2
+    python benchmarks/bench_model_step.py --model DiT-B/2 --repeats 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import create_model  # noqa: E402
+from models.convert import align_diffusers_timestep_embedding, diffusers_config, official_to_diffusers  # noqa: E402
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def build_pair(name: str, input_size: int):
+    torch.manual_seed(0)
+    ours = create_model(name, input_size=input_size)
+    with torch.no_grad():  # nonzero adaLN/head so both models compute a real function
+        for key, p in ours.named_parameters():
+            if key != "pos_embed":
+                p.add_(0.02 * torch.randn_like(p))
+    from diffusers import DiTTransformer2DModel
+
+    theirs = DiTTransformer2DModel(**diffusers_config(ours.config))
+    theirs.load_state_dict(official_to_diffusers(ours.state_dict(), ours.config), strict=True)
+    align_diffusers_timestep_embedding(theirs)
+    return ours.train(), theirs.train()
+
+
+class TrainStep:
+    """A closure that runs one optimizer step of a model on fixed inputs."""
+
+    def __init__(self, model, is_diffusers: bool, batch, precision: str):
+        self.model = model
+        self.is_diffusers = is_diffusers
+        self.x, self.t, self.y, self.target = batch
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.precision = precision
+
+    def __call__(self) -> float:
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        with autocast:
+            out = self.model(self.x, self.t, self.y)
+            if self.is_diffusers:
+                out = out.sample
+            loss = torch.nn.functional.mse_loss(out.float(), self.target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+def time_steps(steps: dict[str, TrainStep], warmup: int, repeats: int) -> dict[str, list[float]]:
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_model_step_<model>.json)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    print(f"matmul peak (2048^2 torch.mm, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+
+    ours, theirs = build_pair(args.model, args.input_size)
+    flops = ours.flops_per_sample(train=True)
+    g = torch.Generator().manual_seed(0)
+    n, c, s = args.batch, ours.in_channels, args.input_size
+    batch = (torch.randn(n, c, s, s, generator=g), torch.randint(0, 1000, (n,), generator=g),
+             torch.randint(0, 1000, (n,), generator=g), torch.randn(n, ours.out_channels, s, s, generator=g))
+
+    rows = []
+    for precision in args.precisions.split(","):
+        steps = {"ours": TrainStep(ours, False, batch, precision), "diffusers": TrainStep(theirs, True, batch, precision)}
+        times = time_steps(steps, args.warmup, args.repeats)
+        medians = {name: statistics.median(v) for name, v in times.items()}
+        for name in steps:
+            sps = n / medians[name]
+            rows.append(dict(model=args.model, impl=name, precision=precision, step_s=medians[name],
+                             samples_per_s=sps, mfu=flops * sps / (peaks[precision] * 1e9),
+                             all_step_s=times[name]))
+        rows.append(dict(model=args.model, impl="ratio ours/diffusers", precision=precision,
+                         speedup=medians["diffusers"] / medians["ours"]))
+
+    print(f"\n{args.model} train step, latent {s}x{s}, batch {n}, {flops / 3 / 1e9:.2f} GFLOP fwd/sample, "
+          f"{args.repeats} interleaved repeats (median)")
+    print(f"{'precision':<10}{'impl':<12}{'step s':>9}{'samples/s':>11}{'MFU':>8}")
+    for row in rows:
+        if "speedup" in row:
+            print(f"{row['precision']:<10}{'ours/diff':<12}{'':>9}{row['speedup']:>10.3f}x")
+        else:
+            print(f"{row['precision']:<10}{row['impl']:<12}{row['step_s']:>9.3f}{row['samples_per_s']:>11.2f}"
+                  f"{100 * row['mfu']:>7.1f}%")
+
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_model_step_{args.model.replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(
+        benchmark="bench_model_step", model=args.model, input_size=s, batch=n, threads=args.threads,
+        train_flops_per_sample=flops, peak_gflops=peaks, rows=rows, torch=torch.__version__,
+        machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+        command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+    ), indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
