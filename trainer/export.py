@@ -50,6 +50,11 @@ def consolidated_ema(checkpoint: str) -> tuple[dict, dict]:
     if not shards:
         raise FileNotFoundError(f"{checkpoint} holds no EMA file (ema.pt or ema_rank*.pt)")
     parts = [torch.load(s, map_location="cpu", weights_only=True) for s in shards]
+    if "layout" in parts[0]:
+        # Tensor/pipeline/expert-parallel layouts: official names per rank + how tensor slices merge.
+        from trainer.parallelize import merge_states
+
+        return merge_states(parts), arch
     if not parts[0].get("sharded"):
         # Model-parallel layouts write one file per rank with disjoint names; merge them.
         out = {}
@@ -85,9 +90,50 @@ def load_ema_model(checkpoint: str, input_size: int | None = None, device="cpu")
     return model.to(device).eval(), arch
 
 
-def export_official(checkpoint: str, out_path: str) -> str:
-    """Write the EMA weights as a facebookresearch/DiT-style ``.pt`` state dict (+ arch JSON beside it)."""
-    model, arch = load_ema_model(checkpoint)
+def consolidated_weights(checkpoint: str) -> tuple[dict, dict]:
+    """(trained, non-EMA weights under official names, architecture dict) from any layout's checkpoint.
+
+    Tensor/pipeline/expert-parallel layouts: the ``model_rank*.pt`` slices (trainer/parallelize.py);
+    data parallel: DeepSpeed's ``mp_rank_00_model_states.pt``, or its ZeRO-3 partitions via zero_to_fp32.
+    """
+    arch = read_trainer_state(checkpoint).model_config
+    slices = sorted(glob.glob(os.path.join(checkpoint, "model_rank*.pt")))
+    if slices:
+        from trainer.parallelize import merge_states
+
+        return merge_states([torch.load(s, map_location="cpu", weights_only=True) for s in slices]), arch
+    shapes = _model_shapes(arch)
+    states = os.path.join(checkpoint, "mp_rank_00_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False).get("module") if os.path.exists(states) else None
+    if not module or any(n in module and module[n].numel() != _numel(s) for n, s in shapes.items()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(checkpoint), tag=os.path.basename(checkpoint))
+    return {n: v.float().clone() for n, v in module.items() if n in shapes and n != "pos_embed"}, arch  # fixed table
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def export_official(checkpoint: str, out_path: str, weights: str = "ema") -> str:
+    """Write the EMA (or, weights="model", the trained) weights as a facebookresearch/DiT-style ``.pt`` state
+    dict (+ arch JSON beside it), from a checkpoint of any parallel layout."""
+    if weights == "model":
+        from trainer.model_factory import build_model
+
+        tensors, arch = consolidated_weights(checkpoint)
+        model = build_model(arch)
+        missing = [k for k in model.load_state_dict(tensors, strict=False).missing_keys if k != "pos_embed"]
+        if missing:
+            raise RuntimeError(f"weights of {checkpoint} lack {missing[:5]}")
+    elif weights == "ema":
+        model, arch = load_ema_model(checkpoint)
+    else:
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp = out_path + ".tmp"
     torch.save(state, tmp)
@@ -199,6 +245,8 @@ def main(argv=None) -> int:
                                             "(--out x.pt) or a diffusers model/pipeline folder (--diffusers DIR).")
     p.add_argument("checkpoint", help="run dir, checkpoints dir or one checkpoint dir")
     p.add_argument("--out", default=None, help="output .pt path (official facebookresearch/DiT state dict)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="--out writes the EMA (default) or the trained weights; any parallel layout is merged")
     p.add_argument("--diffusers", default=None, metavar="DIR", help="output folder for DiTTransformer2DModel "
                    "(+ DiTPipeline when the shards' VAE is a diffusers AutoencoderKL)")
     p.add_argument("--vae", default="auto", help="diffusers AutoencoderKL folder or hub id for the pipeline "
@@ -209,7 +257,7 @@ def main(argv=None) -> int:
     try:
         ck = resolve_checkpoint(args.checkpoint)
         if args.out:
-            print(export_official(ck, args.out))
+            print(export_official(ck, args.out, weights=args.weights))
         if args.diffusers:
             written = export_diffusers(ck, args.diffusers, vae=None if args.vae == "none" else args.vae)
             print(written["pipeline"] or written["transformer"])
