@@ -203,8 +203,14 @@ def read_run_records(path: str) -> dict:
         elif kind == "history":
             row = {}
             for item in rec.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
+                value = json.loads(item.value_json)
+                if item.key:
+                    row[item.key] = value
+                else:  # a nested value (e.g. an image's fields) is stored one leaf per record item
+                    node = row
+                    for part in item.nested_key[:-1]:
+                        node = node.setdefault(part, {})
+                    node[item.nested_key[-1]] = value
             if rec.history.HasField("step"):
                 row.setdefault("_step", rec.history.step.num)
             out["history"].append(row)

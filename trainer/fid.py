@@ -1,0 +1,104 @@
+"""FID and Inception Score from Inception features, and loading a local Inception feature extractor.
+
+Fréchet distance between Gaussians N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017; the ADM/DiT evaluator
+computes the same with scipy's sqrtm)::
+
+    d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))
+
+Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2: the product of two
+symmetric positive semi-definite matrices is similar to S1^(1/2) S2 S1^(1/2), so its eigenvalues are
+real and >= 0 (tiny negative or imaginary parts are rounding and are clipped).
+
+Inception Score (Salimans et al. 2016), per split: exp(mean_x KL(p(y|x) || p(y))), mean over splits.
+
+Nothing is downloaded. ``load_feature_extractor(path)`` takes a local TorchScript file, e.g. NVIDIA's
+``inception-2015-12-05.pt`` used by StyleGAN-ADA/EDM (called as ``m(uint8 NCHW, return_features=True)`` →
+2048-d pool features; ``return_features=False`` → class probabilities), or any TorchScript module that
+maps uint8 NCHW images to features (a tensor) or to ``(features, logits)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of (N, D) features."""
+    x = np.asarray(features, dtype=np.float64)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    eig = np.linalg.eigvals(s1 @ s2)
+    tr_sqrt = float(np.sqrt(np.clip(eig.real, 0.0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over ``splits`` of exp(E_x KL(p(y|x) || p(y))) for (N, K) class probabilities."""
+    p = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for part in np.array_split(p, splits):
+        if len(part) == 0:
+            continue
+        py = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(np.clip(part, 1e-12, None)) - np.log(np.clip(py, 1e-12, None)))).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+class FeatureExtractor:
+    """A local TorchScript Inception (or compatible) network: uint8 NHWC arrays → features [, probabilities]."""
+
+    def __init__(self, path: str, device="cpu"):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.model = torch.jit.load(path, map_location=self.device).eval()
+        self.path = path
+
+    def _call(self, x, features: bool):
+        try:
+            return self.model(x, return_features=features)
+        except (TypeError, RuntimeError):
+            return self.model(x)
+
+    def __call__(self, images_nhwc_uint8: np.ndarray, batch_size: int = 100) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        torch = self.torch
+        feats, probs = [], []
+        with torch.no_grad():
+            for i in range(0, len(images_nhwc_uint8), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images_nhwc_uint8[i:i + batch_size])).permute(0, 3, 1, 2)
+                x = x.to(self.device)
+                out = self._call(x, True)
+                if isinstance(out, (tuple, list)):
+                    feats.append(out[0].float().cpu().numpy())
+                    probs.append(torch.softmax(out[1].float(), dim=1).cpu().numpy())
+                    continue
+                feats.append(out.float().cpu().numpy())
+                p = self._call(x, False)
+                if not isinstance(p, (tuple, list)) and p.shape[-1] != out.shape[-1]:
+                    probs.append(p.float().cpu().numpy())
+        return np.concatenate(feats), (np.concatenate(probs) if probs else None)
+
+
+def load_feature_extractor(path: str, device="cpu") -> FeatureExtractor:
+    return FeatureExtractor(path, device)
+
+
+def reference_statistics(ref_npz: str, extractor: Optional[FeatureExtractor]) -> tuple[np.ndarray, np.ndarray]:
+    """``mu``/``sigma`` stored in an ADM-style reference batch, else computed from its ``arr_0`` images."""
+    with np.load(ref_npz) as data:
+        if "mu" in data and "sigma" in data:
+            return data["mu"], data["sigma"]
+        if extractor is None:
+            raise ValueError(f"{ref_npz} has no mu/sigma and no feature extractor was given")
+        feats, _ = extractor(data["arr_0"])
+    return gaussian_statistics(feats)
