@@ -122,3 +122,15 @@ def test_progressive_stages_inherit_and_lr_restarts(tmp_path):
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.025, 0.05, 0.05])
     cos = [lr_at(k, stages, "cosine", 0.0) for k in range(4)]
     assert cos[2] == pytest.approx(0.1) and cos[3] == pytest.approx(0.05)
+
+
+def test_readme_config_reference_is_current_and_complete():
+    from trainer.config_reference import HELP, iter_keys, reference_markdown
+
+    keys = [k for k, _, _ in iter_keys()]
+    assert set(keys) == set(HELP), f"undocumented: {set(keys) - set(HELP)}; stale: {set(HELP) - set(keys)}"
+    from tests.runs import REPO
+
+    with open(f"{REPO}/README.md") as f:
+        readme = f.read()
+    assert reference_markdown() in readme, "README's config table is stale: run python -m trainer.config_reference"
