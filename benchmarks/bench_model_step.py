@@ -75,7 +75,7 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
 
 def time_steps(steps: dict[str, TrainStep], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -120,20 +120,25 @@ def main() -> None:
         steps = {"ours": TrainStep(ours, False, batch, precision), "diffusers": TrainStep(theirs, True, batch, precision)}
         times = time_steps(steps, args.warmup, args.repeats)
         medians = {name: statistics.median(v) for name, v in times.items()}
+        # adjacent steps of the two models see the same machine load: the median of their ratios is the
+        # most load-robust comparison on a shared machine
+        paired = statistics.median(d / o for o, d in zip(times["ours"], times["diffusers"]))
+        best = min(times["diffusers"]) / min(times["ours"])
         for name in steps:
             sps = n / medians[name]
             rows.append(dict(model=args.model, impl=name, precision=precision, step_s=medians[name],
                              samples_per_s=sps, mfu=flops * sps / (peaks[precision] * 1e9),
                              all_step_s=times[name]))
         rows.append(dict(model=args.model, impl="ratio ours/diffusers", precision=precision,
-                         speedup=medians["diffusers"] / medians["ours"]))
+                         speedup=medians["diffusers"] / medians["ours"], speedup_paired=paired, speedup_best=best))
 
     print(f"\n{args.model} train step, latent {s}x{s}, batch {n}, {flops / 3 / 1e9:.2f} GFLOP fwd/sample, "
           f"{args.repeats} interleaved repeats (median)")
     print(f"{'precision':<10}{'impl':<12}{'step s':>9}{'samples/s':>11}{'MFU':>8}")
     for row in rows:
         if "speedup" in row:
-            print(f"{row['precision']:<10}{'ours/diff':<12}{'':>9}{row['speedup']:>10.3f}x")
+            print(f"{row['precision']:<10}{'ours/diff':<12}{'':>9}{row['speedup']:>10.3f}x  (speed ratio of medians; "
+                  f"paired median {row['speedup_paired']:.3f}x, best-of {row['speedup_best']:.3f}x)")
         else:
             print(f"{row['precision']:<10}{row['impl']:<12}{row['step_s']:>9.3f}{row['samples_per_s']:>11.2f}"
                   f"{100 * row['mfu']:>7.1f}%")

