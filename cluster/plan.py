@@ -1,0 +1,434 @@
+"""Parallelism planner: which layout (ZeRO stage, TP, PP, EP, micro-batch, checkpointing) fits and runs fastest.
+
+    python -m cluster.plan --model DiT-XL/2 --resolution 512 --gpus 64 --gpu-mem 80 [--gpus-per-node 8]
+        [--global-batch 256] [--moe-experts 0] [--precision bf16] [--peak-tflops 989] [--out DIR]
+
+For every candidate layout it computes per-GPU memory with cluster/memory_model.py (model states as
+DeepSpeed 0.19 actually holds them — checked against CPU-rank measurements in tests/test_plan_zero.py —
+and saved activations derived from the DiT block's shapes, checked against a saved-tensor count), keeps
+those that fit in ``--gpu-mem`` minus ``--reserve-gib``, estimates the step time, ranks them and writes
+the best as trainer overrides (``overrides.txt``: ``key=value`` lines for trainer/main.py) and a DeepSpeed
+JSON (``ds_config.json``: only ZeRO keys; the trainer fills batch, precision and optimizer).
+
+Every candidate passes ``trainer.topology.Topology.validate`` and the trainer's batch divisibility rule,
+so a proposed layout is never one the trainer would reject.
+
+Step time (one optimizer step, seconds), deliberately simple and printed term by term:
+  compute   = FLOPs/sample (models' flops_per_sample, ×4/3 with checkpointing) × global batch
+              ÷ (GPUs × peak × MFU × GEMM efficiency), × (1 + (PP−1)/micro-batches) for the pipeline bubble;
+              GEMM efficiency = rows/(rows+512) normalised at 8192 rows (rows = micro-batch × tokens),
+              −5 % per doubling of TP: small micro-batches and thin shards do not reach the assumed MFU
+  data-par. = ring volume ÷ bandwidth: ZeRO-1 one reduce-scatter + one all-gather of the fp32 weights per
+              step; ZeRO-2 a reduce-scatter every micro-batch (it reduces during each backward) + one
+              all-gather; ZeRO-3 two all-gathers (forward, backward; three with checkpointing) and one
+              reduce-scatter every micro-batch; ``--comm-overlap`` of the backward reduce-scatter is hidden
+  tensor-p. = 4 all-reduces of the (micro, T, D) activations per block per micro-batch (Megatron layout)
+  pipeline  = activations sent between stages, forward and backward
+  expert-p. = 4 all-to-alls of the routed tokens per MoE layer per micro-batch
+  offload   = fp32 gradients down + weights up over PCIe, plus CPU Adam at ``--host-gbs`` memory bandwidth
+A group inside one node uses ``--intra-gbs``; a group spanning nodes ``--inter-gbs`` (per GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cluster.memory_model import (  # noqa: E402
+    GiB,
+    activation_bytes_per_sample,
+    autocast_weight_cache_bytes,
+    count_params,
+    dit_kwargs,
+    model_state_bytes,
+)
+
+EXIT_IMPOSSIBLE = 2
+
+
+class PlanError(ValueError):
+    """The request cannot be planned; the message says why and what to change."""
+
+
+@dataclass
+class Request:
+    model: str = "DiT-XL/2"
+    resolution: int = 256
+    gpus: int = 8
+    gpu_mem: float = 80.0  # GiB per GPU
+    gpus_per_node: int = 8
+    global_batch: int = 256
+    moe_experts: int = 0
+    moe_top_k: int = 1
+    moe_every: int = 1
+    precision: str = "bf16"
+    peak_tflops: float = 989.0  # dense bf16 tensor-core peak of an H100 SXM
+    mfu: float = 0.40
+    intra_gbs: float = 150.0  # effective ring bandwidth inside a node, GB/s per GPU (NVLink)
+    inter_gbs: float = 25.0  # effective bandwidth across nodes, GB/s per GPU (InfiniBand 200–400 Gb/s)
+    pcie_gbs: float = 20.0
+    host_gbs: float = 10.0  # CPU Adam streaming rate for offload
+    comm_overlap: float = 0.5
+    reserve_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
+    in_channels: int = 4
+    num_classes: int = 1000
+    max_tensor: int = 8
+    max_pipeline: int = 8
+    offload: bool = True  # consider ZeRO-Offload layouts (only chosen when nothing else fits or they win)
+
+
+@dataclass
+class Candidate:
+    zero: int
+    offload: bool
+    tensor: int
+    pipeline: int
+    expert: int
+    data: int
+    micro_batch: int
+    grad_accum: int
+    grad_checkpoint: int
+    memory: dict = field(default_factory=dict)  # GiB by part
+    time: dict = field(default_factory=dict)  # seconds by part
+    fits: bool = False
+
+    @property
+    def step_time(self) -> float:
+        return self.time.get("total", math.inf)
+
+    def name(self) -> str:
+        z = f"ZeRO-{self.zero}{'+offload' if self.offload else ''}"
+        return (f"{z} TP{self.tensor} PP{self.pipeline} EP{self.expert} DP{self.data} micro {self.micro_batch} "
+                f"gas {self.grad_accum} ckpt {'on' if self.grad_checkpoint else 'off'}")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON of a layout
+
+
+def ds_config_for(zero: int, offload: bool, params_per_rank: float) -> dict:
+    """ZeRO section only (the trainer fills batch/precision/optimizer). Buckets scale with the model, capped."""
+    bucket = int(min(5e8, max(5e7, params_per_rank / 4)))
+    bucket -= bucket % 1_000_000
+    z: dict = {"stage": zero, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": bucket}
+    if zero in (1, 2):
+        z["allgather_bucket_size"] = bucket
+        z["reduce_scatter"] = True
+    if zero == 3:
+        z["stage3_prefetch_bucket_size"] = int(min(bucket, 5e7))
+        z["stage3_param_persistence_threshold"] = 100000
+    if offload:
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if zero == 3:
+            z["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"zero_optimization": z}
+
+
+# --------------------------------------------------------------------------- evaluation of one candidate
+
+
+def matmul_efficiency(rows: int, tensor: int = 1) -> float:
+    """Share of the assumed MFU reached with ``rows`` = micro-batch × tokens per GEMM (1.0 from ~8k rows).
+
+    Small GEMMs (few tokens per micro-batch) and thin tensor-parallel shards run below the large-GEMM rate;
+    rows/(rows + 512) normalised at 8192 rows, and 5 % less per doubling of TP, is a simple stand-in.
+    """
+    eff = (rows / (rows + 512)) / (8192 / (8192 + 512))
+    return min(1.0, eff) * (1 - 0.05 * math.log2(tensor))
+
+
+def _ring_seconds(nbytes: float, group: int, gbs: float) -> float:
+    if group <= 1:
+        return 0.0
+    return nbytes * (group - 1) / group / (gbs * 1e9)
+
+
+def evaluate(req: Request, counts: dict, c: Candidate) -> Candidate:
+    dense_per_rank = (counts["trainable"] - counts["expert"]) / (c.tensor * c.pipeline)
+    ds = ds_config_for(c.zero, c.offload, dense_per_rank)
+    ms = model_state_bytes(counts, ds, dp=c.data, precision=req.precision, tp=c.tensor, pp=c.pipeline, ep=c.expert)
+    moe = {"num_experts": req.moe_experts, "top_k": req.moe_top_k, "every": req.moe_every} if req.moe_experts else None
+    act = activation_bytes_per_sample(counts, req.precision, c.grad_checkpoint, tp=c.tensor, pp=c.pipeline, moe=moe)
+    in_flight = min(c.pipeline, c.grad_accum) if c.pipeline > 1 else 1  # 1F1B keeps ≤ PP micro-batches alive
+    activations = act["saved_forward"] * c.micro_batch * in_flight + (act["total"] - act["saved_forward"]) * c.micro_batch
+    cache = autocast_weight_cache_bytes(counts, req.precision, c.tensor, c.pipeline)
+    total = ms["device"] + ms["transient"] + activations + cache
+    c.memory = {"params": ms["params"] / GiB, "grads": ms["grads"] / GiB, "optim": ms["optim"] / GiB,
+                "zero_buffers": (ms["buffers"] + ms["transient"]) / GiB, "activations": activations / GiB,
+                "autocast_cache": cache / GiB, "total": total / GiB, "host": ms["host"] / GiB,
+                "activations_per_sample": act["total"] / GiB}
+    c.fits = total / GiB <= req.gpu_mem - req.reserve_gib
+
+    # ---- time
+    flops = counts["flops_per_sample"] * (4 / 3 if c.grad_checkpoint else 1.0)
+    compute = flops * req.global_batch / (req.gpus * req.peak_tflops * 1e12 * req.mfu * matmul_efficiency(
+        c.micro_batch * counts["tokens"], c.tensor))
+    if c.pipeline > 1:
+        compute *= 1 + (c.pipeline - 1) / c.grad_accum
+    node = req.gpus_per_node
+    mp = c.tensor * c.pipeline
+    dp_bw = req.intra_gbs if c.data * mp <= node else req.inter_gbs
+    psi = (counts["trainable"] - counts["expert"]) / mp + counts["expert"] / (mp * c.expert)
+    w = 2 if req.precision == "fp16" else 4
+    rs = _ring_seconds(w * psi, c.data, dp_bw)
+    ag = _ring_seconds(w * psi, c.data, dp_bw)
+    if c.zero == 1:
+        dp = rs * (1 - req.comm_overlap) + ag
+    elif c.zero == 2:
+        dp = c.grad_accum * rs * (1 - req.comm_overlap) + ag
+    else:
+        gathers = 3 if c.grad_checkpoint else 2
+        dp = c.grad_accum * (gathers * ag * (1 - req.comm_overlap) + rs * (1 - req.comm_overlap))
+    T, D = counts["tokens"], counts["hidden"]
+    act_b = 4 if req.precision == "fp32" else 2
+    layers = math.ceil(counts["depth"] / c.pipeline)
+    tp = c.grad_accum * layers * 4 * 2 * _ring_seconds(c.micro_batch * T * D * act_b, c.tensor, req.intra_gbs)
+    pp_bw = req.intra_gbs if mp <= node else req.inter_gbs
+    pp = c.grad_accum * 2 * (c.micro_batch * T * D * act_b) / (pp_bw * 1e9) if c.pipeline > 1 else 0.0
+    ep = 0.0
+    if c.expert > 1 and req.moe_experts:
+        moe_layers = math.ceil(counts["depth"] // req.moe_every / c.pipeline)
+        ep_bw = req.intra_gbs if c.expert * mp <= node else req.inter_gbs
+        tokens = c.micro_batch * T * D * act_b * req.moe_top_k
+        ep = c.grad_accum * moe_layers * 4 * tokens * (c.expert - 1) / c.expert / (ep_bw * 1e9)
+    off = 0.0
+    if c.offload:
+        part = psi / c.data
+        off = 2 * 4 * part / (req.pcie_gbs * 1e9) + 16 * part / (req.host_gbs * 1e9)
+    c.time = {"compute": compute, "data_parallel": dp, "tensor_parallel": tp, "pipeline": pp, "expert_parallel": ep,
+              "offload": off}
+    c.time["total"] = sum(c.time.values())
+    c.time["samples_per_sec"] = req.global_batch / c.time["total"]
+    c.time["mfu_effective"] = counts["flops_per_sample"] * c.time["samples_per_sec"] / (
+        req.gpus * req.peak_tflops * 1e12)
+    return c
+
+
+# --------------------------------------------------------------------------- search
+
+
+def check_request(req: Request) -> None:
+    problems = []
+    if req.gpus < 1:
+        problems.append(f"--gpus must be >= 1, got {req.gpus}")
+    if req.gpus_per_node < 1:
+        problems.append(f"--gpus-per-node must be >= 1, got {req.gpus_per_node}")
+    elif req.gpus > req.gpus_per_node and req.gpus % req.gpus_per_node:
+        problems.append(f"--gpus {req.gpus} is not a whole number of nodes of {req.gpus_per_node} GPUs")
+    if req.gpu_mem <= req.reserve_gib:
+        problems.append(f"--gpu-mem {req.gpu_mem} GiB leaves nothing after the {req.reserve_gib} GiB reserve "
+                        f"(CUDA context, NCCL, fragmentation; --reserve-gib)")
+    if req.global_batch < 1:
+        problems.append(f"--global-batch must be >= 1, got {req.global_batch}")
+    if req.precision not in ("fp32", "bf16", "fp16"):
+        problems.append(f"--precision must be fp32, bf16 or fp16, got {req.precision}")
+    if not 0 < req.mfu <= 1:
+        problems.append(f"--mfu must be in (0, 1], got {req.mfu}")
+    if req.peak_tflops <= 0:
+        problems.append(f"--peak-tflops must be > 0, got {req.peak_tflops}")
+    if req.moe_experts < 0 or (req.moe_experts and not 1 <= req.moe_top_k <= req.moe_experts):
+        problems.append(f"--moe-top-k must be in [1, --moe-experts], got {req.moe_top_k} with {req.moe_experts} experts")
+    if problems:
+        raise PlanError("; ".join(problems))
+
+
+def candidates(req: Request, arch: dict) -> list[Candidate]:
+    from trainer.topology import LayoutError, Topology
+
+    out = []
+    heads, hidden, depth = arch["num_heads"], arch["hidden_size"], arch["depth"]
+    tps = [t for t in divisors(req.gpus) if t <= min(req.max_tensor, req.gpus_per_node)]
+    pps = [p for p in divisors(req.gpus) if p <= req.max_pipeline]
+    eps = [e for e in divisors(req.gpus) if req.moe_experts and req.moe_experts % e == 0] or [1]
+    for tp in tps:
+        for pp in pps:
+            for ep in eps:
+                for zero in (1, 2, 3):
+                    try:
+                        topo = Topology(req.gpus, tp, pp, ep).validate(
+                            zero_stage=zero, num_heads=heads, hidden_size=hidden, depth=depth,
+                            num_experts=req.moe_experts)
+                    except LayoutError:
+                        continue
+                    per_dp = req.global_batch // topo.data if req.global_batch % topo.data == 0 else 0
+                    for micro in divisors(per_dp) if per_dp else []:
+                        if micro > 256:
+                            continue
+                        for ckpt in (0, 1):
+                            for offload in ((False, True) if req.offload and zero in (2, 3) and pp == 1 else (False,)):
+                                out.append(Candidate(zero, offload, tp, pp, ep, topo.data, micro,
+                                                     req.global_batch // (micro * topo.data), ckpt))
+    return out
+
+
+def rank_key(c: Candidate):
+    # fastest first; ties (within 2 %) go to the simpler layout: less model parallelism, lower ZeRO stage,
+    # no offload, no checkpointing, then the larger micro-batch
+    return (math.floor(math.log(max(c.step_time, 1e-12)) / math.log(1.02)), c.tensor * c.pipeline * c.expert,
+            c.offload, c.zero, c.grad_checkpoint, -c.micro_batch)
+
+
+def plan(req: Request) -> dict:
+    check_request(req)
+    try:
+        kw = dit_kwargs(req.model, req.resolution, in_channels=req.in_channels, num_classes=req.num_classes,
+                        moe_experts=req.moe_experts, moe_top_k=req.moe_top_k, moe_every=req.moe_every)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    counts = count_params(kw)
+    cands = [evaluate(req, counts, c) for c in candidates(req, kw)]
+    if not cands:
+        raise PlanError(
+            f"no parallel layout of {req.gpus} GPUs is valid for {req.model} with global batch {req.global_batch}: "
+            f"the global batch must be divisible by the data-parallel size (GPUs / (TP × PP)); "
+            f"use a global batch that is a multiple of {req.gpus} or a different GPU count")
+    fitting = sorted((c for c in cands if c.fits), key=rank_key)
+    if not fitting:
+        best = min(cands, key=lambda c: c.memory["total"])
+        floor = min(cands, key=lambda c: c.memory["total"] - c.memory["activations"])
+        raise PlanError(
+            f"no layout of {req.model} at {req.resolution} px (global batch {req.global_batch}) fits in "
+            f"{req.gpu_mem:g} GiB per GPU on {req.gpus} GPUs: the smallest needs {best.memory['total']:.1f} GiB "
+            f"({best.name()}), of which model states alone are "
+            f"{floor.memory['total'] - floor.memory['activations']:.1f} GiB at best; usable is "
+            f"{req.gpu_mem - req.reserve_gib:.1f} GiB after the {req.reserve_gib:g} GiB reserve. "
+            f"Use more GPUs, GPUs with more memory, a smaller model or resolution")
+    return {"request": asdict(req), "model_kwargs": kw,
+            "params": {k: v for k, v in counts.items() if k != "numels"},
+            "candidates": len(cands), "fitting": fitting, "rejected": [c for c in cands if not c.fits]}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def overrides_for(req: Request, c: Candidate) -> list[str]:
+    lines = [
+        f"model.name={req.model}",
+        f"data.resolution={req.resolution}",
+        f"train.global_batch={req.global_batch}",
+        f"train.micro_batch={c.micro_batch}",
+        f"train.precision={req.precision}",
+        f"model.grad_checkpoint={c.grad_checkpoint}",
+        f"parallel.tensor={c.tensor}",
+        f"parallel.pipeline={c.pipeline}",
+        f"parallel.expert={c.expert}",
+    ]
+    if req.moe_experts:
+        lines += [f"model.moe.num_experts={req.moe_experts}", f"model.moe.top_k={req.moe_top_k}",
+                  f"model.moe.every={req.moe_every}"]
+    return lines
+
+
+def write_outputs(req: Request, result: dict, out_dir: str) -> dict:
+    best: Candidate = result["fitting"][0]
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"overrides": os.path.join(out_dir, "overrides.txt"), "ds_config": os.path.join(out_dir, "ds_config.json"),
+             "plan": os.path.join(out_dir, "plan.json")}
+    counts = result["params"]
+    dense_per_rank = (counts["trainable"] - counts["expert"]) / (best.tensor * best.pipeline)
+    with open(paths["overrides"], "w") as f:
+        f.write(f"# cluster/plan.py: {best.name()} — est. {best.time['total']:.3f} s/step, "
+                f"{best.memory['total']:.1f} GiB/GPU\n")
+        f.write(f"# use: deepspeed trainer/main.py --ds_config {paths['ds_config']} --config <run>.yaml "
+                f"$(grep -v '^#' {paths['overrides']})\n")
+        f.write("\n".join(overrides_for(req, best)) + "\n")
+    with open(paths["ds_config"], "w") as f:
+        json.dump(ds_config_for(best.zero, best.offload, dense_per_rank), f, indent=2)
+    with open(paths["plan"], "w") as f:
+        json.dump({"request": result["request"], "params": result["params"], "chosen": asdict(best),
+                   "ranking": [asdict(c) for c in result["fitting"][:50]]}, f, indent=1)
+    return paths
+
+
+def format_table(req: Request, result: dict, top: int) -> str:
+    p = result["params"]
+    experts = f" ({p['expert'] / 1e6:.1f} M in experts)" if p["expert"] else ""
+    lines = [
+        f"{req.model} at {req.resolution} px: {p['tokens']} tokens, {p['trainable'] / 1e6:.1f} M trainable params"
+        f"{experts}, "
+        f"{p['flops_per_sample'] / 1e9:.0f} GFLOP/sample (train); {req.gpus} GPUs × {req.gpu_mem:g} GiB "
+        f"({req.gpus_per_node}/node), global batch {req.global_batch}, {req.precision}, peak {req.peak_tflops:g} "
+        f"TFLOP/s × MFU {req.mfu:g}",
+        f"{result['candidates']} valid layouts, {len(result['fitting'])} fit "
+        f"(usable {req.gpu_mem - req.reserve_gib:g} GiB/GPU after {req.reserve_gib:g} GiB reserve)",
+        "",
+        f"{'#':>3} {'layout':<58}{'param':>6}{'grad':>6}{'optim':>6}{'zbuf':>6}{'act':>7}{'total':>7}"
+        f"{'host':>6}{'step s':>8}{'comp':>7}{'comm':>7}{'smp/s':>8}",
+    ]
+    for i, c in enumerate(result["fitting"][:top]):
+        m, t = c.memory, c.time
+        comm = t["total"] - t["compute"]
+        lines.append(f"{i + 1:>3} {c.name():<58}{m['params']:>6.1f}{m['grads']:>6.1f}{m['optim']:>6.1f}"
+                     f"{m['zero_buffers']:>6.1f}{m['activations'] + m['autocast_cache']:>7.1f}{m['total']:>7.1f}"
+                     f"{m['host']:>6.1f}{t['total']:>8.3f}{t['compute']:>7.3f}{comm:>7.3f}{t['samples_per_sec']:>8.0f}")
+    best = result["fitting"][0]
+    ck = [c for c in result["fitting"] if (c.zero, c.offload, c.tensor, c.pipeline, c.expert, c.micro_batch)
+          == (best.zero, best.offload, best.tensor, best.pipeline, best.expert, best.micro_batch)]
+    lines += ["", "memory in GiB per GPU; act = saved activations × micro-batch (+ one recomputed block with "
+                  "checkpointing, + bf16 autocast weight copies); zbuf = ZeRO buckets",
+              f"activations per sample: {best.memory['activations_per_sample']:.3f} GiB with checkpointing "
+              f"{'on' if best.grad_checkpoint else 'off'}"]
+    for other in ck:
+        if other.grad_checkpoint != best.grad_checkpoint:
+            lines.append(f"  (checkpointing {'on' if other.grad_checkpoint else 'off'}: "
+                         f"{other.memory['activations_per_sample']:.3f} GiB per sample)")
+    lines.append(f"chosen: {best.name()}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = Request()
+    ap = argparse.ArgumentParser(prog="python -m cluster.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=d.model, help="DiT-S|B|L|XL/2|4|8")
+    ap.add_argument("--resolution", type=int, default=d.resolution, help="image resolution in px (latent = /8)")
+    ap.add_argument("--gpus", type=int, default=d.gpus)
+    ap.add_argument("--gpu-mem", type=float, default=d.gpu_mem, help="GiB per GPU")
+    ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
+    ap.add_argument("--global-batch", type=int, default=d.global_batch)
+    ap.add_argument("--moe-experts", type=int, default=d.moe_experts)
+    ap.add_argument("--moe-top-k", type=int, default=d.moe_top_k)
+    ap.add_argument("--moe-every", type=int, default=d.moe_every)
+    ap.add_argument("--precision", default=d.precision, choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--peak-tflops", type=float, default=d.peak_tflops, help="per-GPU peak in the compute dtype")
+    ap.add_argument("--mfu", type=float, default=d.mfu, help="assumed model FLOPs utilisation")
+    ap.add_argument("--intra-gbs", type=float, default=d.intra_gbs, help="GB/s per GPU inside a node")
+    ap.add_argument("--inter-gbs", type=float, default=d.inter_gbs, help="GB/s per GPU across nodes")
+    ap.add_argument("--comm-overlap", type=float, default=d.comm_overlap)
+    ap.add_argument("--reserve-gib", type=float, default=d.reserve_gib)
+    ap.add_argument("--no-offload", action="store_true", help="do not consider ZeRO-Offload layouts")
+    ap.add_argument("--top", type=int, default=12, help="rows of the ranking to print")
+    ap.add_argument("--out", default=None, help="write overrides.txt, ds_config.json and plan.json here")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    req = Request(model=a.model, resolution=a.resolution, gpus=a.gpus, gpu_mem=a.gpu_mem,
+                  gpus_per_node=a.gpus_per_node, global_batch=a.global_batch, moe_experts=a.moe_experts,
+                  moe_top_k=a.moe_top_k, moe_every=a.moe_every, precision=a.precision, peak_tflops=a.peak_tflops,
+                  mfu=a.mfu, intra_gbs=a.intra_gbs, inter_gbs=a.inter_gbs, comm_overlap=a.comm_overlap,
+                  reserve_gib=a.reserve_gib, offload=not a.no_offload)
+    try:
+        result = plan(req)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_IMPOSSIBLE
+    print(format_table(req, result, a.top))
+    if a.out:
+        paths = write_outputs(req, result, a.out)
+        print(f"wrote {paths['overrides']}, {paths['ds_config']}, {paths['plan']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
