@@ -1,6 +1,4 @@
 """Rectified flow: interpolant convention, velocity loss, timestep sampling and the ODE samplers."""
-import math
-
 import pytest
 import torch
 
@@ -91,4 +89,5 @@ def test_bad_arguments():
         RectifiedFlow().sample(lambda x, t: x, noise=torch.zeros(1, 1, 2, 2), method="rk4")
     with pytest.raises(ValueError, match="0"):
         RectifiedFlow().sample(lambda x, t: x, noise=torch.zeros(1, 1, 2, 2), steps=0)
-    assert math.isfinite(RectifiedFlow(logit_std=0.1).logit_std)
+    with pytest.raises(ValueError, match="-1"):
+        RectifiedFlow(logit_std=-1)
