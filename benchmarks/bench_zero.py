@@ -1,0 +1,237 @@
+"""DeepSpeed ZeRO step vs a plain PyTorch loop, one process, same model, same AdamW + clipping.
+
+    python benchmarks/bench_zero.py [--model DiT-S/2] [--input-size 32] [--batch 8] [--rounds 5] [--steps 3]
+                                    [--variants plain zero1 zero2 zero3 ...] [--profile zero2]
+                                    [--out benchmarks/results/zero_overhead.json]
+
+Every variant trains the same DiT (fp32, seed 0) on the same fixed batch with the trainer's parameter groups
+and AdamW settings (trainer/loop.py ``param_groups``/``optimizer_config``) and gradient clipping at 1.0:
+
+  plain     model(x, t, y) → MSE → loss.backward() → clip_grad_norm_ → torch.optim.AdamW.step → zero_grad
+  zeroN     the same through ``deepspeed.initialize`` with configs/zeroN.json filled by fill_ds_config
+  *_stock   the DeepSpeed defaults for that stage (no tuning), for comparison with the tuned JSONs
+
+Timing is interleaved: each round runs ``--steps`` steps of every variant in turn (after one warm-up step
+each), so load from other jobs on the machine hits all variants alike; the figure per variant is the median
+step time over rounds, and the table reports samples/s and the ratio to the plain loop in the same run.
+Forward / backward / optimizer-step times are measured separately (perf_counter around each call).
+``--profile VARIANT`` prints the torch.profiler table of one step of that variant (where the time goes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+STOCK = {
+    "zero1_stock": {"zero_optimization": {"stage": 1}},
+    "zero2_stock": {"zero_optimization": {"stage": 2}},
+    "zero3_stock": {"zero_optimization": {"stage": 3}},
+    "zero0": {"zero_optimization": {"stage": 0}},
+    "zero2_nocontig": {"zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": False,
+                                             "reduce_scatter": True, "reduce_bucket_size": 50000000,
+                                             "allgather_bucket_size": 50000000}},
+}
+
+
+def _init_single_process():
+    import logging
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29613")
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+def _cfg(batch: int):
+    from trainer.config import load_config
+
+    return load_config(None, ["train.precision=fp32", f"train.micro_batch={batch}", f"train.global_batch={batch}",
+                              "train.grad_clip=1.0", "train.lr=1e-4", "train.weight_decay=0.0"])
+
+
+def _model(kw: dict):
+    from models.dit import DiT
+
+    torch.manual_seed(0)
+    return DiT(**kw)
+
+
+class Plain:
+    def __init__(self, kw: dict, batch: int):
+        from trainer.loop import param_groups
+
+        cfg = _cfg(batch)
+        self.model = _model(kw)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                     betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+        self.clip = cfg.train.grad_clip
+
+    def forward(self, x, t, y):
+        return self.model(x, t, y)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class Engine:
+    def __init__(self, kw: dict, batch: int, ds_raw: dict):
+        import deepspeed
+
+        from trainer.ds_config import fill_ds_config
+        from trainer.loop import optimizer_config, param_groups
+
+        cfg = _cfg(batch)
+        ds = fill_ds_config(ds_raw, cfg, global_batch=batch, micro_batch=batch, data_parallel=1, on_cuda=False)
+        ds["optimizer"] = optimizer_config(cfg)
+        self.ds = ds
+        model = _model(kw)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
+
+    def forward(self, x, t, y):
+        return self.engine(x, t, y)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self):
+        self.engine.step()
+
+
+def build(name: str, kw: dict, batch: int):
+    from trainer.ds_config import load_ds_config
+
+    if name == "plain":
+        return Plain(kw, batch)
+    if name in STOCK:
+        return Engine(kw, batch, STOCK[name])
+    return Engine(kw, batch, load_ds_config(f"{name}.json"))
+
+
+def one_step(runner, x, t, y, target) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    out = runner.forward(x, t, y)
+    loss = torch.nn.functional.mse_loss(out, target)
+    t1 = time.perf_counter()
+    runner.backward(loss)
+    t2 = time.perf_counter()
+    runner.step()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="DiT-S/2")
+    ap.add_argument("--input-size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
+    ap.add_argument("--variants", nargs="+", default=["plain", "zero1", "zero2", "zero3", "zero2_stock"])
+    ap.add_argument("--profile", default=None, help="print a torch.profiler table for one step of this variant")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "zero_overhead.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _init_single_process()
+    from models.dit import MODEL_SIZES
+
+    size, patch = args.model.split("-")[1].split("/")
+    depth, hidden, heads = MODEL_SIZES[size]
+    kw = dict(input_size=args.input_size, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
+              num_heads=heads, num_classes=1000)
+    g = torch.Generator().manual_seed(0)
+    n, s = args.batch, args.input_size
+    x = torch.randn(n, 4, s, s, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, 1000, (n,), generator=g)
+    target = torch.randn(n, 8, s, s, generator=g)
+
+    runners = {name: build(name, kw, args.batch) for name in args.variants}
+    for r in runners.values():  # warm-up: allocations, optimizer state creation, DeepSpeed buffers
+        one_step(r, x, t, y, target)
+    times = {name: [] for name in runners}
+    parts = {name: [] for name in runners}
+    loads = []
+    for rnd in range(args.rounds):
+        order = list(runners) if rnd % 2 == 0 else list(reversed(runners))
+        for name in order:
+            for _ in range(args.steps):
+                f, b, st = one_step(runners[name], x, t, y, target)
+                times[name].append(f + b + st)
+                parts[name].append((f, b, st))
+        loads.append(os.getloadavg()[0])
+        print(f"round {rnd + 1}/{args.rounds} load {loads[-1]:.2f}", flush=True)
+
+    plain = statistics.median(times["plain"]) if "plain" in times else None
+    rows = []
+    for name in runners:
+        med = statistics.median(times[name])
+        f, b, st = (statistics.median(p[i] for p in parts[name]) for i in range(3))
+        rows.append({"variant": name, "median_step_s": med, "samples_per_sec": args.batch / med,
+                     "ratio_to_plain": plain / med if plain else None, "forward_s": f, "backward_s": b, "step_s": st,
+                     "overhead_s": med - plain if plain else None, "steps_timed": len(times[name]),
+                     "ds_config": getattr(runners[name], "ds", None)})
+    print(f"\n{args.model}, latent {s}×{s}, batch {n}, fp32, one process, {torch.get_num_threads()} torch threads; "
+          f"median of {args.rounds} interleaved rounds × {args.steps} steps")
+    print(f"{'variant':<14}{'s/step':>8}{'samples/s':>11}{'× plain':>9}{'fwd s':>8}{'bwd s':>8}{'step s':>8}{'+s':>8}")
+    for r in rows:
+        print(f"{r['variant']:<14}{r['median_step_s']:>8.3f}{r['samples_per_sec']:>11.2f}"
+              f"{(r['ratio_to_plain'] or 0):>9.3f}{r['forward_s']:>8.3f}{r['backward_s']:>8.3f}{r['step_s']:>8.3f}"
+              f"{(r['overhead_s'] or 0):>+8.3f}")
+    load = os.getloadavg()
+    print(f"load average {load}")
+
+    profile = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        r = runners[args.profile]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step(r, x, t, y, target)
+        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(f"\ntorch.profiler, one step of {args.profile} (self CPU time):\n{profile}")
+
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        cpu = platform.processor()
+    record = {
+        "command": "python benchmarks/bench_zero.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "load_average_per_round": loads, "load_average_at_end": load},
+        "model": args.model, "input_size": s, "batch": n, "precision": "fp32", "results": rows,
+        "profile": profile,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(record, fh, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
