@@ -39,6 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cluster.slurm_env import hostnames, parse_tasks_per_node, port_for_job  # noqa: E402
+from trainer.atomic import atomic_write_text  # noqa: E402
 
 EXIT_PREEMPTED = 75  # same value as trainer.preemption.EXIT_PREEMPTED (kept here to avoid importing torch)
 EXIT_CONFIG_ERROR = 2
@@ -169,15 +170,6 @@ def make_hostfile(nodes: Iterable[str], slots: int) -> str:
     if slots < 1:
         raise LaunchError(f"slots per node must be >= 1, got {slots}")
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def append_history(run_dir: str, record: dict) -> None:
@@ -490,13 +482,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     hostfile = None
     if settings.launcher == "deepspeed":
         hostfile = os.path.join(launch_dir, f"hostfile-{alloc.tag}")
-        _write_atomic(hostfile, make_hostfile(alloc.nodes, alloc.tasks_per_node))
+        atomic_write_text(hostfile, make_hostfile(alloc.nodes, alloc.tasks_per_node))
     train_cmd = build_train_command(alloc, settings, overrides, hostfile)
     from trainer.config import save_config
 
     save_config(cfg, os.path.join(launch_dir, f"config-{alloc.tag}.yaml"))
-    _write_atomic(os.path.join(launch_dir, f"env-{alloc.tag}.txt"), format_env(capture_env(env)))
-    _write_atomic(os.path.join(launch_dir, f"command-{alloc.tag}.sh"), shlex.join(train_cmd) + "\n")
+    atomic_write_text(os.path.join(launch_dir, f"env-{alloc.tag}.txt"), format_env(capture_env(env)))
+    atomic_write_text(os.path.join(launch_dir, f"command-{alloc.tag}.sh"), shlex.join(train_cmd) + "\n")
     log(f"launch record in {launch_dir} (config-{alloc.tag}.yaml, env-{alloc.tag}.txt, command-{alloc.tag}.sh)")
     if args.dry_run:
         for name, cmd, _ in health_check_commands(alloc, settings, run_dir, overrides):

@@ -1,12 +1,13 @@
 """Launch real training runs (1 process, or N CPU ranks through the deepspeed launcher / torchrun)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from trainer.metrics import read_metrics  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,20 +63,6 @@ def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> str:
     except ProcessLookupError:
         pass
     out, _ = proc.communicate(timeout=60)
-    return out
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
     return out
 
 

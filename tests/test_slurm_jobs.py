@@ -16,7 +16,6 @@ Jobs (2 CPU ranks each, tiny DiT, fp32 — deterministic, so losses compare exac
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
@@ -130,22 +129,8 @@ def submit(script: str, out_path: str, env_extra: dict, sbatch_args=()) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-def losses(run_dir: str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+from tests.runs import losses_by_step as losses  # noqa: E402
+from trainer.metrics import read_metrics as metrics  # noqa: E402
 
 
 def train_env(run_dir: str, demo_root: str, extra: str = "") -> dict:

@@ -34,6 +34,8 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
+from trainer.atomic import atomic_write_text
+
 FAULT_NAN_ENV = "DIT_FAULT_NAN_STEPS"
 EXIT_NAN_STOP = 3  # the run stopped after train.max_nan_steps non-finite steps in a row
 HEARTBEAT_FILE = "heartbeat.json"
@@ -121,11 +123,8 @@ class LossSpikeDetector:
 
 def write_heartbeat(run_dir: str, record: dict) -> None:
     path = os.path.join(run_dir, HEARTBEAT_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(record), fsync=False)
     except OSError:
         pass  # a full disk must not stop training; status then reports the heartbeat as old
 

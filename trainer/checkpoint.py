@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from trainer.atomic import atomic_write_text
+
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE.json"
 
@@ -37,15 +39,6 @@ def tag_for_step(step: int) -> str:
 
 def _warn(msg: str) -> None:
     print(f"[checkpoint] WARNING: {msg}", file=sys.stderr, flush=True)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _file_sizes(root: str) -> dict:
@@ -170,12 +163,12 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
         extra_save(tmp_path)
     _barrier()
     if rank == 0:
-        _atomic_write_text(os.path.join(tmp_path, "trainer_state.json"), json.dumps(state.to_json(), indent=2))
-        _atomic_write_text(os.path.join(tmp_path, COMPLETE), json.dumps({"files": _file_sizes(tmp_path)}, indent=1))
+        atomic_write_text(os.path.join(tmp_path, "trainer_state.json"), json.dumps(state.to_json(), indent=2))
+        atomic_write_text(os.path.join(tmp_path, COMPLETE), json.dumps({"files": _file_sizes(tmp_path)}, indent=1))
         if os.path.exists(final_path):  # a re-save of the same step (e.g. preemption right after a save)
             shutil.rmtree(final_path)
         os.rename(tmp_path, final_path)
-        _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag + "\n")
+        atomic_write_text(os.path.join(ckpt_dir, "latest"), tag + "\n")
         for _, old in list_checkpoints(ckpt_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Optional
 
 from trainer.config import ConfigError, RunConfig
 
@@ -89,7 +88,6 @@ def fill_ds_config(ds: dict, cfg: RunConfig, *, global_batch: int, micro_batch: 
 
 
 def save_ds_config(ds: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(ds, f, indent=2)
-    os.replace(tmp, path)
+    from trainer.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(ds, indent=2))

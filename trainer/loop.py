@@ -16,10 +16,9 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
-from trainer.config import RunConfig, config_to_dict, save_config
+from trainer.config import RunConfig, save_config
 from trainer.data import ShardSet, load_vae, make_loader
 from trainer.distributed import all_reduce_max_flag, barrier
-from trainer.ema import EMA
 from trainer.lr_schedule import StageLRScheduler
 from trainer.metrics import JsonlSink, Metrics, NullSink
 from trainer.alerts import optimizer_update_skipped
@@ -81,8 +80,6 @@ class Trainer:
         return self.rank == 0
 
     def setup(self) -> None:
-        import deepspeed
-
         cfg = self.cfg
         first = self.shard_sets[0]
         channels, size, _ = first.latent_shape

@@ -117,17 +117,25 @@ def events_path(run_dir: str) -> str:
     return os.path.join(run_dir, "events.jsonl")
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """All records of a JSON-lines file, tolerating a torn last line (a run killed mid-write)."""
-    out = []
+def read_jsonl(path: str, max_bytes: int = 0) -> list[dict]:
+    """Records of a JSON-lines file, tolerating a torn last line (a run killed mid-write).
+
+    ``max_bytes`` > 0 reads only the file's tail (metrics files of long runs grow large).
+    """
     if not os.path.exists(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
+        return []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes and size > max_bytes:
+            f.seek(size - max_bytes)
+            f.readline()  # drop the partial first line
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
     return out
 
 

@@ -47,23 +47,7 @@ def format_duration(seconds: Optional[float]) -> str:
     return f"{s}s"
 
 
-def _tail_jsonl(path: str, max_bytes: int = 512 * 1024) -> list[dict]:
-    """The records in the last ``max_bytes`` of a JSON-lines file (metrics files grow large)."""
-    if not os.path.exists(path):
-        return []
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size > max_bytes:
-            f.seek(size - max_bytes)
-            f.readline()  # drop the partial first line
-        lines = f.read().decode("utf-8", "replace").splitlines()
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+TAIL_BYTES = 512 * 1024  # status reads only the tail of metrics files, which grow large
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -183,7 +167,7 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
     if stall_minutes is None:
         stall_minutes = float(log_cfg.get("stall_minutes") or DEFAULT_STALL_MINUTES)
     stall = stall_minutes * 60
-    records = [r for r in _tail_jsonl(metrics_path(run_dir)) if "step" in r]
+    records = [r for r in read_jsonl(metrics_path(run_dir), max_bytes=TAIL_BYTES) if "step" in r]
     events = read_jsonl(events_path(run_dir))
     heartbeat = _read_json(os.path.join(run_dir, HEARTBEAT_FILE))
     evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))

@@ -25,6 +25,7 @@ import struct
 import sys
 
 from trainer.config import RunConfig, config_to_dict
+from trainer.atomic import atomic_write_text
 
 RUN_ID_FILE = "wandb_run_id"
 SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
@@ -47,10 +48,7 @@ def _read_or_create_run_id(run_dir: str) -> str:
         if run_id:
             return run_id
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id style
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(run_id + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, run_id + "\n")
     return run_id
 
 
