@@ -119,3 +119,11 @@ def test_ema_under_zero3_equals_its_formula(demo_root, tmp_path):
         for n in expected:
             expected[n] = decay * expected[n] + (1 - decay) * weights[n].float()
             torch.testing.assert_close(ema[n], expected[n], rtol=1e-6, atol=1e-7, msg=f"{n} at step {step}")
+
+
+def test_torchrun_launch_equals_deepspeed_launch(demo_root, two_rank_runs, tmp_path):
+    """The same run started by torchrun instead of the deepspeed launcher gives the same losses."""
+    run_dir = str(tmp_path / "torchrun")
+    run_training(2, _overrides(demo_root, run_dir, "train.max_steps=3"), ds_config="zero2.json",
+                 launcher="torchrun")
+    _assert_same_losses(losses_by_step(two_rank_runs[2]), losses_by_step(run_dir), range(1, 4), rel=1e-9)
