@@ -15,6 +15,8 @@ Timing is interleaved: each round runs ``--steps`` steps of every variant in tur
 each), so load from other jobs on the machine hits all variants alike; the figure per variant is the median
 step time over rounds, and the table reports samples/s and the ratio to the plain loop in the same run.
 Forward / backward / optimizer-step times are measured separately (perf_counter around each call).
+ZeRO-3 variants run in their own invocation: a ZeRO-3 engine patches ``torch.nn.functional.linear``
+process-wide, which would also slow the plain loop and the other stages built beside it.
 ``--profile VARIANT`` prints the torch.profiler table of one step of that variant (where the time goes).
 """
 from __future__ import annotations
@@ -169,6 +171,13 @@ def main(argv=None) -> int:
     y = torch.randint(0, 1000, (n,), generator=g)
     target = torch.randn(n, 8, s, s, generator=g)
 
+    stage3 = [v for v in args.variants if v.startswith("zero3")]
+    if stage3 and len(stage3) != len([v for v in args.variants if v != "plain"]):
+        # building a ZeRO-3 engine patches torch.nn.functional.linear process-wide (DeepSpeed's
+        # LinearFunctionForZeroStage3), which would slow every other variant built in the same process
+        print(f"error: run ZeRO-3 variants {stage3} in their own invocation (with plain), not beside other stages",
+              file=sys.stderr)
+        return 2
     runners = {name: build(name, kw, args.batch) for name in args.variants}
     for r in runners.values():  # warm-up: allocations, optimizer state creation, DeepSpeed buffers
         one_step(r, x, t, y, target)

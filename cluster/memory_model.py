@@ -8,7 +8,9 @@ Model states (bytes per rank), with Ψ trainable parameters, N ranks in the ZeRO
   the fp16 row below.) Measured on CPU ranks (benchmarks/bench_zero_memory.py) DeepSpeed 0.19 holds:
 
     stage 1 / 2   params  w·Ψ_all       (module weights; ZeRO flattens them into one buffer, views, no copy)
-                  grads   w·Ψ/N         (reduced into the owned partition bucket by bucket; stage 1 as well)
+                  grads   w·Ψ/N         (reduced into the owned partition bucket by bucket; stage 1 as well
+                                         when each step is one micro-batch; with accumulation stage 1 keeps
+                                         full gradients, w·Ψ, until the boundary)
                   optim   4Ψ/N + 8Ψ/N   (the fp32 master partition is a *clone* even in fp32 + Adam m, v)
                   buffers reduce bucket(s) only while backward runs (reduce_bucket_size, ×2 with overlap_comm)
     stage 3       params  w·Σ⌈n_i/N⌉ + w·Σ_{n_i ≤ persistence threshold} n_i  (partitions + persistent params)
@@ -136,7 +138,7 @@ def zero_settings(ds: dict) -> dict:
 
 
 def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32", tp: int = 1, pp: int = 1,
-                      ep: int = 1) -> dict:
+                      ep: int = 1, grad_accum: int = 1) -> dict:
     """Bytes per rank of parameters, gradients, optimizer states and ZeRO buffers (device and host)."""
     z = zero_settings(ds)
     stage = z["stage"]
@@ -163,7 +165,9 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
         transient = w * min(z["prefetch_bucket_size"], psi_r) + w * counts["largest_layer"] * scale
     else:
         params = w * (psi_r + frozen_r)
-        grads = (4 if stage == 0 else 4 if w == 4 else 2) * (psi_r if stage == 0 else part)
+        # stage 1 with gradient accumulation keeps full gradients until the boundary (it reduces once per step)
+        full_grads = stage == 0 or (stage == 1 and grad_accum > 1)
+        grads = (4 if w == 4 or stage == 0 else 2) * (psi_r if full_grads else part)
         buffers = 0.0
         bucket = min(z["reduce_bucket_size"], psi_r) * w
         transient = bucket * (2 if z["overlap_comm"] else 1)

@@ -6,7 +6,7 @@
 For every candidate layout it computes per-GPU memory with cluster/memory_model.py (model states as
 DeepSpeed 0.19 actually holds them — checked against CPU-rank measurements in tests/test_plan_zero.py —
 and saved activations derived from the DiT block's shapes, checked against a saved-tensor count), keeps
-those that fit in ``--gpu-mem`` minus ``--reserve-gib``, estimates the step time, ranks them and writes
+the trainer's fp32 EMA copy, keeps those that fit in ``--gpu-mem`` minus ``--reserve-gib``, estimates the step time, ranks them and writes
 the best as trainer overrides (``overrides.txt``: ``key=value`` lines for trainer/main.py) and a DeepSpeed
 JSON (``ds_config.json``: only ZeRO keys; the trainer fills batch, precision and optimizer).
 
@@ -156,14 +156,19 @@ def _ring_seconds(nbytes: float, group: int, gbs: float) -> float:
 def evaluate(req: Request, counts: dict, c: Candidate) -> Candidate:
     dense_per_rank = (counts["trainable"] - counts["expert"]) / (c.tensor * c.pipeline)
     ds = ds_config_for(c.zero, c.offload, dense_per_rank)
-    ms = model_state_bytes(counts, ds, dp=c.data, precision=req.precision, tp=c.tensor, pp=c.pipeline, ep=c.expert)
+    ms = model_state_bytes(counts, ds, dp=c.data, precision=req.precision, tp=c.tensor, pp=c.pipeline, ep=c.expert,
+                           grad_accum=c.grad_accum)
     moe = {"num_experts": req.moe_experts, "top_k": req.moe_top_k, "every": req.moe_every} if req.moe_experts else None
     act = activation_bytes_per_sample(counts, req.precision, c.grad_checkpoint, tp=c.tensor, pp=c.pipeline, moe=moe)
     in_flight = min(c.pipeline, c.grad_accum) if c.pipeline > 1 else 1  # 1F1B keeps ≤ PP micro-batches alive
     activations = act["saved_forward"] * c.micro_batch * in_flight + (act["total"] - act["saved_forward"]) * c.micro_batch
     cache = autocast_weight_cache_bytes(counts, req.precision, c.tensor, c.pipeline)
-    total = ms["device"] + ms["transient"] + activations + cache
-    c.memory = {"params": ms["params"] / GiB, "grads": ms["grads"] / GiB, "optim": ms["optim"] / GiB,
+    # the trainer's EMA (trainer/ema.py): fp32 copy of the trainable weights, sharded like them under ZeRO-3
+    psi_rank = (counts["trainable"] - counts["expert"]) / (c.tensor * c.pipeline) + counts["expert"] / (
+        c.tensor * c.pipeline * c.expert)
+    ema = 4 * (psi_rank / c.data if c.zero == 3 else psi_rank)
+    total = ms["device"] + ms["transient"] + activations + cache + ema
+    c.memory = {"ema": ema / GiB, "params": ms["params"] / GiB, "grads": ms["grads"] / GiB, "optim": ms["optim"] / GiB,
                 "zero_buffers": (ms["buffers"] + ms["transient"]) / GiB, "activations": activations / GiB,
                 "autocast_cache": cache / GiB, "total": total / GiB, "host": ms["host"] / GiB,
                 "activations_per_sample": act["total"] / GiB}
@@ -362,20 +367,20 @@ def format_table(req: Request, result: dict, top: int) -> str:
         f"{result['candidates']} valid layouts, {len(result['fitting'])} fit "
         f"(usable {req.gpu_mem - req.reserve_gib:g} GiB/GPU after {req.reserve_gib:g} GiB reserve)",
         "",
-        f"{'#':>3} {'layout':<58}{'param':>6}{'grad':>6}{'optim':>6}{'zbuf':>6}{'act':>7}{'total':>7}"
+        f"{'#':>3} {'layout':<58}{'param':>6}{'grad':>6}{'optim':>6}{'zbuf':>6}{'ema':>6}{'act':>7}{'total':>7}"
         f"{'host':>6}{'step s':>8}{'comp':>7}{'comm':>7}{'smp/s':>8}",
     ]
     for i, c in enumerate(result["fitting"][:top]):
         m, t = c.memory, c.time
         comm = t["total"] - t["compute"]
         lines.append(f"{i + 1:>3} {c.name():<58}{m['params']:>6.1f}{m['grads']:>6.1f}{m['optim']:>6.1f}"
-                     f"{m['zero_buffers']:>6.1f}{m['activations'] + m['autocast_cache']:>7.1f}{m['total']:>7.1f}"
+                     f"{m['zero_buffers']:>6.1f}{m['ema']:>6.1f}{m['activations'] + m['autocast_cache']:>7.1f}{m['total']:>7.1f}"
                      f"{m['host']:>6.1f}{t['total']:>8.3f}{t['compute']:>7.3f}{comm:>7.3f}{t['samples_per_sec']:>8.0f}")
     best = result["fitting"][0]
     ck = [c for c in result["fitting"] if (c.zero, c.offload, c.tensor, c.pipeline, c.expert, c.micro_batch)
           == (best.zero, best.offload, best.tensor, best.pipeline, best.expert, best.micro_batch)]
     lines += ["", "memory in GiB per GPU; act = saved activations × micro-batch (+ one recomputed block with "
-                  "checkpointing, + bf16 autocast weight copies); zbuf = ZeRO buckets",
+                  "checkpointing, + bf16 autocast weight copies); zbuf = ZeRO buckets; ema = the trainer's fp32 EMA",
               f"activations per sample: {best.memory['activations_per_sample']:.3f} GiB with checkpointing "
               f"{'on' if best.grad_checkpoint else 'off'}"]
     for other in ck:
