@@ -27,12 +27,26 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return xs, ys
 
 
-def _smooth(ys: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for y in ys:
-        acc = y if acc is None else (1 - alpha) * acc + alpha * y
-        out.append(acc)
+def _smooth(ys: list[float], points: int = 40) -> list[float]:
+    """Centred moving average over ~1/points of the run: no lag, unlike an EMA, so a falling loss is drawn
+    where it falls."""
+    half = max(1, len(ys) // points) // 2
+    out = []
+    for i in range(len(ys)):
+        window = ys[max(0, i - half): i + half + 1]
+        out.append(sum(window) / len(window))
     return out
+
+
+def _stage_starts(records: list[dict]) -> list[tuple[int, int, int]]:
+    """(first logged step, stage, resolution) of every progressive stage present in the records."""
+    starts, last = [], None
+    for r in records:
+        stage = r.get("stage")
+        if stage is not None and stage != last and "step" in r:
+            starts.append((r["step"], stage, r.get("resolution", 0)))
+            last = stage
+    return starts
 
 
 def _plot(path: str, panels: list[tuple[str, list[tuple[str, str, bool]]]], records: list[dict],
@@ -47,14 +61,20 @@ def _plot(path: str, panels: list[tuple[str, list[tuple[str, str, bool]]]], reco
     if not used:
         return None
     fig, axes = plt.subplots(len(used), 1, figsize=(9, 2.8 * len(used)), sharex=True, squeeze=False)
+    stages = _stage_starts(records)
     for ax, (name, lines) in zip(axes[:, 0], used):
+        if len(stages) > 1:  # progressive run: mark where each stage (resolution) begins
+            for step, stage, resolution in stages:
+                ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+                ax.text(step, 1.0, f" stage {stage}: {resolution} px", transform=ax.get_xaxis_transform(),
+                        va="top", fontsize=7, color="dimgrey")
         for key, label, smooth in lines:
             xs, ys = _series(records, key)
             if not xs:
                 continue
             if smooth and len(ys) > 10:
                 ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, _smooth(ys), label=f"{label} (EMA 0.1)", color=ax.lines[-1].get_color())
+                ax.plot(xs, _smooth(ys), label=f"{label} (moving average)", color=ax.lines[-1].get_color())
             else:
                 ax.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
         ax.set_ylabel(name)
