@@ -46,11 +46,27 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def set_cpu_threads() -> int:
+    """Share the cores among the ranks on this machine unless OMP_NUM_THREADS says otherwise.
+
+    Without this every CPU rank starts one thread per core and N ranks oversubscribe N-fold.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, local))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def init_distributed(timeout_minutes: int = 30) -> torch.device:
     import deepspeed
 
     prepare_env()
     device = pick_device()
+    if device.type == "cpu":
+        set_cpu_threads()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
