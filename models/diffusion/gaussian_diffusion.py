@@ -42,7 +42,7 @@ class LossType(enum.Enum):
 
 def get_beta_schedule(beta_schedule: str, *, beta_start: float, beta_end: float, num_diffusion_timesteps: int) -> np.ndarray:
     if beta_schedule != "linear":
-        raise NotImplementedError(beta_schedule)
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; this helper builds 'linear' only")
     betas = np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)
     assert betas.shape == (num_diffusion_timesteps,)
     return betas
@@ -189,7 +189,7 @@ class GaussianDiffusion:
         elif self.model_mean_type == ModelMeanType.EPSILON:
             pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
         else:
-            raise NotImplementedError(self.model_mean_type)
+            raise ValueError(f"unsupported model_mean_type {self.model_mean_type!r}")
         model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         return {"mean": model_mean, "variance": model_variance, "log_variance": model_log_variance,
                 "pred_xstart": pred_xstart, "extra": extra}
