@@ -13,7 +13,6 @@ The gap is the routing work the FLOP count ignores: top-k, capacity masks, gathe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -100,10 +101,7 @@ def main(argv=None) -> int:
                           "torch_threads": torch.get_num_threads(), "load_average_per_round": loads,
                           "load_average_at_end": load},
               "moe": moe, "results": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
     return 0
 
 

@@ -22,7 +22,6 @@ process-wide, which would also slow the plain loop and the other stages built be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -235,10 +236,7 @@ def main(argv=None) -> int:
         "model": args.model, "input_size": s, "batch": n, "precision": "fp32", "results": rows,
         "profile": profile,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(record, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import socket
@@ -38,6 +37,8 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -331,10 +332,7 @@ def main(argv=None) -> int:
                     "load_average_at_end": load},
         "model": args.model, "input_size": args.input_size, "params": counts, "results": rows,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wrote {args.out}")
+    write_results(args.out, record)
     return 0
 
 
