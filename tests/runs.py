@@ -51,10 +51,27 @@ def run_training(nprocs: int, overrides: list[str], *, timeout: float = 300, che
     return proc
 
 
-def start_training(nprocs: int, overrides: list[str], **kw) -> subprocess.Popen:
+def start_training(nprocs: int, overrides: list[str], *, extra_env: dict | None = None, **kw) -> subprocess.Popen:
     cmd = train_cmd(nprocs, overrides, **kw)
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    env = dict(_env(), **(extra_env or {}))
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def start_and_kill_after_checkpoint(nprocs: int, overrides: list[str], run_dir: str, step: int, **kw) -> str:
+    """Start a run that pauses right after publishing its step-``step`` checkpoint, SIGKILL every process
+    of it there (launcher and ranks), and return its output. The pause (trainer/alerts.py's test hook)
+    makes the kill land at that point however fast the run is."""
+    proc = start_training(nprocs, overrides, extra_env={"DIT_FAULT_PAUSE_AFTER_CHECKPOINT": f"{step}:120"}, **kw)
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    tag = f"step{step:08d}"
+    try:
+        wait_for(lambda: os.path.exists(latest) and open(latest).read().strip() == tag or proc.poll() is not None,
+                 300, f"the {tag} checkpoint")
+        assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read()[-3000:]}"
+    finally:
+        out = kill_group(proc)
+    return out
 
 
 def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> str:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.runs import kill_group, losses_by_step, run_training, start_training, wait_for
+from tests.runs import losses_by_step, run_training, start_and_kill_after_checkpoint
 
 STEPS = 10
 
@@ -54,16 +54,10 @@ def test_one_process_zero1_equals_zero3(demo_root, tmp_path):
 def test_sigkill_after_checkpoint_resumes_exactly(demo_root, two_rank_runs, tmp_path):
     run_dir = str(tmp_path / "killed")
     over = _overrides(demo_root, run_dir, "checkpoint.every=4", "checkpoint.keep_last=5")
-    proc = start_training(2, over, ds_config="zero2.json")
-    latest = os.path.join(run_dir, "checkpoints", "latest")
-    try:
-        wait_for(lambda: os.path.exists(latest) and open(latest).read().strip() == "step00000004", 240,
-                 "the step-4 checkpoint")
-    finally:
-        kill_group(proc)  # SIGKILL to every rank and the launcher
-    got = losses_by_step(run_dir)
     k = 4
-    assert k in got
+    start_and_kill_after_checkpoint(2, over, run_dir, k, ds_config="zero2.json")  # SIGKILL, all processes
+    got = losses_by_step(run_dir)
+    assert k in got and k + 1 not in got
     run_training(2, over, ds_config="zero2.json")
     resumed = losses_by_step(run_dir)
     ref = losses_by_step(two_rank_runs[2])

@@ -19,8 +19,11 @@ Skipping a non-finite step under DeepSpeed (``NanGuard`` + ``optimizer_update_sk
 4. the trainer's step counter, sample count and data position advance as for a normal step, so
    resume stays exact; the count is kept in ``TrainerState.nan_skipped``.
 
-Test hook (the only fault injection in the trainer): ``DIT_FAULT_NAN_STEPS=5,6`` makes the loss of
-optimizer steps 5 and 6 (1-based, the step being computed) NaN on global rank 0, first micro-batch.
+Test hooks (the only fault injection in the trainer, both read from the environment):
+``DIT_FAULT_NAN_STEPS=5,6`` makes the loss of optimizer steps 5 and 6 (1-based, the step being computed)
+NaN on global rank 0, first micro-batch; ``DIT_FAULT_PAUSE_AFTER_CHECKPOINT=8`` makes every rank sleep
+(60 s, or ``8:SECONDS``) right after the step-8 checkpoint is published, so a test can SIGKILL a run at a
+known point instead of racing a fast one.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from typing import Callable, Optional
 from trainer.atomic import atomic_write_text
 
 FAULT_NAN_ENV = "DIT_FAULT_NAN_STEPS"
+FAULT_PAUSE_ENV = "DIT_FAULT_PAUSE_AFTER_CHECKPOINT"
 EXIT_NAN_STOP = 3  # the run stopped after train.max_nan_steps non-finite steps in a row
 HEARTBEAT_FILE = "heartbeat.json"
 
@@ -45,6 +49,16 @@ def fault_nan_steps(environ=None) -> frozenset:
     """Steps whose loss the test hook makes NaN (empty unless DIT_FAULT_NAN_STEPS is set)."""
     raw = (environ if environ is not None else os.environ).get(FAULT_NAN_ENV, "")
     return frozenset(int(s) for s in raw.replace(" ", "").split(",") if s)
+
+
+def fault_pause_after_checkpoint(step: int, environ=None) -> None:
+    """The pause test hook (see the module docstring); does nothing unless its variable names ``step``."""
+    raw = (environ if environ is not None else os.environ).get(FAULT_PAUSE_ENV, "")
+    if not raw:
+        return
+    target, _, seconds = raw.partition(":")
+    if int(target) == step:
+        time.sleep(float(seconds or 60))
 
 
 class NanGuard:

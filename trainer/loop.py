@@ -16,14 +16,14 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
+from trainer.alerts import fault_pause_after_checkpoint, optimizer_update_skipped
 from trainer.config import RunConfig, save_config
 from trainer.data import ShardSet, load_vae, make_loader
 from trainer.distributed import all_reduce_max_flag, barrier
 from trainer.lr_schedule import StageLRScheduler
 from trainer.metrics import JsonlSink, Metrics, NullSink
-from trainer.alerts import optimizer_update_skipped
-from trainer.monitor import EXIT_NAN_STOP, Monitor
 from trainer.model_factory import architecture, build_model, build_objective_from_config
+from trainer.monitor import EXIT_NAN_STOP, Monitor
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
 from trainer.seeding import rng_state, seed_everything, set_rng_state, step_generator
 from trainer.stages import Stage
@@ -286,6 +286,7 @@ class Trainer:
                                     rng_state(), ema_writer_ranks=self.par.ema_writer_ranks,
                                     extra_save=self.par.save_extra)
         log0(f"checkpoint {path}")
+        fault_pause_after_checkpoint(self.state.step)
         return path
 
     def sample(self, stage: Stage, name: Optional[str] = None) -> Optional[str]:
