@@ -35,10 +35,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
-        """shadow ← decay · shadow + (1 − decay) · param (facebookresearch/DiT's update_ema)."""
+        """shadow ← decay · shadow + (1 − decay) · param (facebookresearch/DiT's update_ema).
+
+        Written as one fused multi-tensor lerp (shadow += (1 − decay)(param − shadow)): one pass over the
+        weights per step instead of two, which matters at DiT-XL's 675M parameters.
+        """
         d = self.decay if decay is None else decay
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(self._local(p).detach().float(), alpha=1.0 - d)
+        if self.shadow:
+            torch._foreach_lerp_(self.shadow, [self._local(p).detach().float() for p in self.params], 1.0 - d)
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
