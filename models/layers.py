@@ -16,7 +16,14 @@ NORM_EPS = 1e-6
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation: x (N, T, D), shift/scale (N, D) -> x * (1 + scale) + shift."""
+    """AdaLN modulation: x (N, T, D), shift/scale (N, D) -> x * (1 + scale) + shift.
+
+    Under autocast the result feeds a low-precision matmul anyway, so it is computed in the autocast dtype:
+    half the memory traffic, and the next linear layer needs no separate cast pass over (N, T, D).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, shift, scale = x.to(dtype), shift.to(dtype), scale.to(dtype)
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
