@@ -198,6 +198,19 @@ def _is_optional(tp) -> tuple[bool, Any]:
     return False, tp
 
 
+def _coerce_number(value: Any, cast: type, what: str, key: str):
+    """int or float from a YAML/CLI value; bools and lossy conversions (1.5 → int) are rejected."""
+    if not isinstance(value, bool):
+        if isinstance(value, (int, float)) and (cast is float or float(value).is_integer()):
+            return cast(value)
+        if isinstance(value, str):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"config key '{key}' expects {what}, got {value!r}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the declared type, or raise naming the key."""
     optional, base = _is_optional(tp)
@@ -212,29 +225,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
     if base is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return _coerce_number(value, int, "an integer", key)
     if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return _coerce_number(value, float, "a number", key)
     if base is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
