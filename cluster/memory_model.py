@@ -30,14 +30,14 @@ T tokens, D hidden, F = mlp_ratio·D FFN width, H heads (checked against a saved
 tests/test_plan.py):
 
     LayerNorm inputs (x, x after attention)           2·T·D      fp32 (the residual stream)
-    LayerNorm outputs (saved by the modulate addcmul)  2·T·D      fp32
+    LayerNorm outputs (saved by the modulate addcmul)  2·T·D      compute dtype (modulate runs in it)
     modulated inputs of qkv and fc1                    2·T·D      compute dtype
     qkv output (q, k, v for attention backward)        3·T·D      compute dtype
     attention output, proj input (transposed copy)     2·T·D      compute dtype
     proj output, fc2 output (saved by the gate mul)    2·T·D      compute dtype
     fc1 output (GELU input), GELU output (fc2 input)   2·T·F      compute dtype
     LayerNorm mean/rstd (2 norms), attention logsumexp (4 + H)·T  fp32
-  = 13·T·D + 2·T·F elements; fp32: 84·T·D bytes at F = 4D, bf16 autocast: 34·T·D + 4·T·F = 50·T·D bytes.
+  = 13·T·D + 2·T·F elements; fp32: 84·T·D bytes at F = 4D, bf16 autocast: 30·T·D + 4·T·F = 46·T·D bytes.
   A checkpointed block keeps only its input (T·D fp32); one block is recomputed at a time in backward.
   bf16 autocast also caches a bf16 copy of every weight from forward to backward (2 bytes per parameter).
 """
@@ -197,7 +197,9 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
 def _block_elems(T: int, D: int, F: int, H: int, tp: int = 1) -> dict:
     """Elements autograd saves per DiT block per sample, by storage dtype class."""
     return {
-        "fp32": 4 * T * D + (4 + H / tp) * T,  # norm inputs/outputs (residual stream) + norm stats + logsumexp
+        "fp32": 2 * T * D + (4 + H / tp) * T,  # norm inputs (residual stream) + norm stats + logsumexp
+        # norm outputs (saved by modulate, which runs in the compute dtype) + modulated inputs + qkv, attention
+        # output, branch outputs and the FFN's hidden activations
         "compute": 2 * T * D + 2 * T * D + (3 * T * D + 2 * T * D + 2 * T * F) / tp,
     }
 
@@ -236,8 +238,8 @@ def activation_bytes_per_sample(counts: dict, precision: str = "fp32", checkpoin
     else:
         blocks, recompute = L * block, 0.0
     latent = counts["latent_elems"]  # C·H·W of one latent
-    # final layer: norm input/output (fp32), modulated input (compute), head output; patch input (fp32)
-    other = fp32_b * 2 * T * D + cb * T * D + cb * 2 * latent + 4 * latent
+    # final layer: norm input (fp32), norm output and modulated input (compute), head output; patch input (fp32)
+    other = fp32_b * T * D + cb * 2 * T * D + cb * 2 * latent + 4 * latent
     if with_loss:
         other += 4 * 10 * latent  # objective: noise, x_t, targets, per-element losses (fp32, C_out = 2C)
     saved = blocks + other
