@@ -3,6 +3,7 @@
 Every run trains configs/tiny.yaml on the demo shards in fp32 with the same seed, logging the loss of
 every step to metrics.jsonl; the assertions compare those numbers.
 """
+import glob
 import os
 import shutil
 
@@ -51,7 +52,12 @@ def test_one_process_zero1_equals_zero3(demo_root, tmp_path):
     _assert_same_losses(losses_by_step(a), losses_by_step(b), range(1, STEPS + 1))
 
 
+def _deepspeed_shm_files() -> set:
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 def test_sigkill_after_checkpoint_resumes_exactly(demo_root, two_rank_runs, tmp_path):
+    shm_before = _deepspeed_shm_files()
     run_dir = str(tmp_path / "killed")
     over = _overrides(demo_root, run_dir, "checkpoint.every=4", "checkpoint.keep_last=5")
     k = 4
@@ -62,6 +68,8 @@ def test_sigkill_after_checkpoint_resumes_exactly(demo_root, two_rank_runs, tmp_
     resumed = losses_by_step(run_dir)
     ref = losses_by_step(two_rank_runs[2])
     _assert_same_losses(ref, resumed, range(k + 1, STEPS + 1), rel=1e-9)
+    # DeepSpeed's CPU shared-memory buffers (69 MB per rank) are released even by SIGKILLed ranks.
+    assert _deepspeed_shm_files() <= shm_before
 
 
 def test_truncated_checkpoint_is_skipped_and_resume_is_exact(demo_root, two_rank_runs, tmp_path):

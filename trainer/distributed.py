@@ -71,7 +71,32 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=timeout_minutes))
+        if device.type == "cpu":
+            release_deepspeed_shm_names()
     return device
+
+
+def deepspeed_shm_path(rank: int) -> str:
+    """/dev/shm file of DeepSpeed's CPU shared-memory all-reduce buffer for ``rank`` (name format of
+    deepspeed/ops/csrc/cpu/comm/shm.cpp: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_deepspeed_shm_names() -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer name once every rank has mapped every buffer.
+
+    DeepSpeed's CPU backend creates a ~69 MB /dev/shm segment per rank when all ranks are local and never
+    removes it, so every run (and every killed run) leaks world × 69 MB of RAM until the machine fills up.
+    The mappings stay valid after the unlink, and the kernel frees the memory when the last rank exits,
+    however it exits.
+    """
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank has finished DeepSpeed's shm_initialize (which maps all peers' buffers)
+    try:
+        os.unlink(deepspeed_shm_path(dist.get_rank()))
+    except FileNotFoundError:
+        pass  # no shm path in this run (ranks not all local, or another DeepSpeed version's naming)
 
 
 def rank() -> int:
