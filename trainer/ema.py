@@ -50,21 +50,30 @@ class EMA:
             s.copy_(self._local(p).detach().float())
 
     # ---------------------------------------------------------------- persistence
+    # Names the EMA tensors are saved under (subclasses save model-parallel slices under official names),
+    # and what a mismatch most likely means.
+    @property
+    def saved_names(self) -> list[str]:
+        return self.names
+
+    mismatch_hint = ""
+
     def local_state(self) -> dict:
         """What this rank must save: the full EMA, or its shard under ZeRO-3."""
         return {"decay": self.decay, "sharded": self.sharded,
-                "tensors": {n: s for n, s in zip(self.names, self.shadow)}}
+                "tensors": {n: s for n, s in zip(self.saved_names, self.shadow)}}
 
     @torch.no_grad()
     def load_local_state(self, state: dict) -> None:
         tensors = state["tensors"]
-        missing = [n for n in self.names if n not in tensors]
+        missing = [n for n in self.saved_names if n not in tensors]
         if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        for n, s in zip(self.names, self.shadow):
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}{self.mismatch_hint}")
+        for n, s in zip(self.saved_names, self.shadow):
             src = tensors[n]
             if src.shape != s.shape:
-                raise ValueError(f"EMA tensor '{n}' has shape {tuple(src.shape)}, model expects {tuple(s.shape)}")
+                raise ValueError(f"EMA tensor '{n}' has shape {tuple(src.shape)}, this rank expects "
+                                 f"{tuple(s.shape)}{self.mismatch_hint}")
             s.copy_(src)
 
     @torch.no_grad()

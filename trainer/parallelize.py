@@ -197,22 +197,14 @@ class ParallelEMA(EMA):
         self.layout = layout
         self.sharded = False
 
-    def local_state(self) -> dict:
-        return {"decay": self.decay, "sharded": False, "layout": self.layout, "split": self.split,
-                "tensors": {o: s for o, s in zip(self.official, self.shadow)}}
+    mismatch_hint = " (was the checkpoint written under another parallel layout?)"
 
-    @torch.no_grad()
-    def load_local_state(self, state: dict) -> None:
-        tensors = state["tensors"]
-        missing = [o for o in self.official if o not in tensors]
-        if missing:
-            raise KeyError(f"EMA file lacks {len(missing)} parameters of this rank, e.g. {missing[:3]} "
-                           f"(was the checkpoint written under another parallel layout?)")
-        for o, s in zip(self.official, self.shadow):
-            if tensors[o].shape != s.shape:
-                raise ValueError(f"EMA tensor '{o}' has shape {tuple(tensors[o].shape)}, this rank expects "
-                                 f"{tuple(s.shape)} (another parallel layout?)")
-            s.copy_(tensors[o])
+    @property
+    def saved_names(self) -> list[str]:
+        return self.official
+
+    def local_state(self) -> dict:
+        return {**super().local_state(), "layout": self.layout, "split": self.split}
 
     def full_tensors(self) -> dict:
         """Collective: rank 0 gets the merged official state dict, the others an empty dict."""
