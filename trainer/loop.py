@@ -7,7 +7,6 @@ produces exactly the numbers an uninterrupted run would.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from typing import Optional
@@ -269,7 +268,6 @@ class Trainer:
             "resolution": stage.resolution, "stage": stage.index,
             "tokens": (self.arch["input_size"] // self.arch["patch_size"]) ** 2,
             "samples_seen": self.state.samples_seen,
-            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "time": now,
         }
         record.update(self.monitor.fields(stage, record["samples_per_sec"], record["step_time"],
