@@ -74,20 +74,25 @@ def consolidated_ema(checkpoint: str) -> tuple[dict, dict]:
     return out, arch
 
 
-def load_ema_model(checkpoint: str, input_size: int | None = None, device="cpu"):
-    """A plain DiT holding the checkpoint's EMA weights (pos_embed rebuilt for ``input_size``)."""
+def model_from_ema(tensors: dict, arch: dict, device="cpu", source: str = "the run"):
+    """A plain DiT holding EMA weights; the fixed pos_embed table is rebuilt for ``arch['input_size']``."""
     from trainer.model_factory import build_model
 
-    tensors, arch = consolidated_ema(checkpoint)
-    if input_size is not None:
-        arch = dict(arch, input_size=input_size)
     model = build_model(arch)
     result = model.load_state_dict(tensors, strict=False)
     missing = [k for k in result.missing_keys if k != "pos_embed"]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"EMA of {checkpoint} does not match the model: missing {missing[:5]}, "
+        raise RuntimeError(f"EMA of {source} does not match the model: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
-    return model.to(device).eval(), arch
+    return model.to(device).eval()
+
+
+def load_ema_model(checkpoint: str, input_size: int | None = None, device="cpu"):
+    """A plain DiT holding the checkpoint's EMA weights (pos_embed rebuilt for ``input_size``)."""
+    tensors, arch = consolidated_ema(checkpoint)
+    if input_size is not None:
+        arch = dict(arch, input_size=input_size)
+    return model_from_ema(tensors, arch, device, source=checkpoint), arch
 
 
 def consolidated_weights(checkpoint: str) -> tuple[dict, dict]:

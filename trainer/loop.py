@@ -295,12 +295,10 @@ class Trainer:
             return None
         shards = self.shard_sets[stage.index]
         arch = dict(self.arch, input_size=shards.latent_shape[1])
-        model = build_model(arch).to(self.device)
-        missing = model.load_state_dict(tensors, strict=False).missing_keys
-        unexpected = [k for k in missing if k != "pos_embed"]
-        if unexpected:
-            raise RuntimeError(f"EMA lacks weights for {unexpected[:5]}")
+        from trainer.export import model_from_ema
         from trainer.sampling import sample_grid
+
+        model = model_from_ema(tensors, arch, self.device, source=f"step {self.state.step}")
 
         classes = list(self.cfg.sample.classes) or list(range(arch["num_classes"]))
         path = os.path.join(self.run_dir, "samples", name or f"step{self.state.step:08d}.png")
