@@ -1,7 +1,6 @@
 """The trainer's view of the latent shards: one shard set per resolution under ``data.root``."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from trainer.config import ConfigError
@@ -21,17 +20,13 @@ class ShardSet:
         return int(self.manifest["num_classes"])
 
 
-def shard_dir(root: str, resolution: int) -> str:
-    return os.path.join(root, str(resolution))
-
-
 def open_shard_set(root: str, resolution: int) -> ShardSet:
     """Validate the shard set for ``resolution`` under ``root``; ConfigError names what is missing."""
-    from data_pipeline.manifest import check_shard_set
+    from data_pipeline.manifest import check_shard_set, shard_set_dir
 
     if not root:
         raise ConfigError("config key 'data.root' is not set (a folder holding one shard set per resolution)")
-    directory = shard_dir(root, resolution)
+    directory = shard_set_dir(root, resolution)
     try:
         manifest = check_shard_set(directory)
     except (FileNotFoundError, ValueError) as exc:
