@@ -94,6 +94,7 @@ class TrainSection:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    fused_adamw: bool = True  # torch's one-pass AdamW kernel (CPU and CUDA); false: the multi-tensor one
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_every: int = 1

@@ -49,10 +49,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def optimizer_config(cfg: RunConfig) -> dict:
-    # torch's AdamW (DeepSpeed's `torch_adam`): works on CPU and CUDA without compiling extensions.
-    return {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": [cfg.train.beta1, cfg.train.beta2],
-                                        "eps": cfg.train.eps, "weight_decay": cfg.train.weight_decay,
-                                        "torch_adam": True}}
+    """torch's AdamW (DeepSpeed's `torch_adam`): works on CPU and CUDA without compiling extensions.
+
+    ``fused`` is torch's one-pass kernel. ZeRO steps one flat partition per parameter group, where the
+    multi-tensor path allocates partition-sized temporaries (sqrt, division) every step; on CPU those are
+    fresh page-faulted memory each time. The fused kernel needs none and reads each value once.
+    """
+    params = {"lr": cfg.train.lr, "betas": [cfg.train.beta1, cfg.train.beta2], "eps": cfg.train.eps,
+              "weight_decay": cfg.train.weight_decay, "torch_adam": True}
+    if cfg.train.fused_adamw:
+        params["fused"] = True
+    return {"type": "AdamW", "params": params}
 
 
 class Trainer:
