@@ -8,12 +8,16 @@ Every variant trains the same DiT (fp32, seed 0) on the same fixed batch with th
 and AdamW settings (trainer/loop.py ``param_groups``/``optimizer_config``) and gradient clipping at 1.0:
 
   plain     model(x, t, y) → MSE → loss.backward() → clip_grad_norm_ → torch.optim.AdamW.step → zero_grad
-  zeroN     the same through ``deepspeed.initialize`` with configs/zeroN.json filled by fill_ds_config
+  zeroN     the same through the trainer's ``initialize_engine`` (``deepspeed.initialize`` + the fp32 master
+            aliasing of trainer/zero_master.py) with configs/zeroN.json filled by fill_ds_config
   *_stock   the DeepSpeed defaults for that stage (no tuning), for comparison with the tuned JSONs
 
 Timing is interleaved: each round runs ``--steps`` steps of every variant in turn (after one warm-up step
 each), so load from other jobs on the machine hits all variants alike; the figure per variant is the median
-step time over rounds, and the table reports samples/s and the ratio to the plain loop in the same run.
+step time over rounds, and the table reports samples/s and the ratio to the plain loop in the same run, both
+as a ratio of medians and paired (per round, plain's median ÷ the variant's, then the median over rounds).
+``zeroN_noalias`` builds the engine without trainer/zero_master.py's aliasing of the fp32 master partition
+(DeepSpeed as shipped), for the before/after of that change.
 Forward / backward / optimizer-step times are measured separately (perf_counter around each call).
 ZeRO-3 variants run in their own invocation: a ZeRO-3 engine patches ``torch.nn.functional.linear``
 process-wide, which would also slow the plain loop and the other stages built beside it.
@@ -83,7 +87,8 @@ class Plain:
         cfg = _cfg(batch)
         self.model = _model(kw)
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                     betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+                                     betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
+                                     fused=cfg.train.fused_adamw)
         self.clip = cfg.train.grad_clip
 
     def forward(self, x, t, y):
@@ -99,18 +104,22 @@ class Plain:
 
 
 class Engine:
-    def __init__(self, kw: dict, batch: int, ds_raw: dict):
+    def __init__(self, kw: dict, batch: int, ds_raw: dict, alias_master: bool = True):
         import deepspeed
 
         from trainer.ds_config import fill_ds_config
         from trainer.loop import optimizer_config, param_groups
+        from trainer.parallelize import initialize_engine
 
         cfg = _cfg(batch)
         ds = fill_ds_config(ds_raw, cfg, global_batch=batch, micro_batch=batch, data_parallel=1, on_cuda=False)
         ds["optimizer"] = optimizer_config(cfg)
         self.ds = ds
         model = _model(kw)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
+        if alias_master:  # as the trainer builds it
+            self.engine, *_ = initialize_engine(model=model, model_parameters=param_groups(model, 0.0), config=ds)
+        else:  # DeepSpeed as shipped
+            self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
 
     def forward(self, x, t, y):
         return self.engine(x, t, y)
@@ -127,9 +136,10 @@ def build(name: str, kw: dict, batch: int):
 
     if name == "plain":
         return Plain(kw, batch)
-    if name in STOCK:
-        return Engine(kw, batch, STOCK[name])
-    return Engine(kw, batch, load_ds_config(f"{name}.json"))
+    base, alias = (name[:-len("_noalias")], False) if name.endswith("_noalias") else (name, True)
+    if base in STOCK:
+        return Engine(kw, batch, STOCK[base], alias)
+    return Engine(kw, batch, load_ds_config(f"{base}.json"), alias)
 
 
 def one_step(runner, x, t, y, target) -> tuple[float, float, float]:
@@ -196,20 +206,28 @@ def main(argv=None) -> int:
         print(f"round {rnd + 1}/{args.rounds} load {loads[-1]:.2f}", flush=True)
 
     plain = statistics.median(times["plain"]) if "plain" in times else None
+
+    def paired_ratio(name):
+        """Median over rounds of plain's ÷ this variant's round-median step time: both saw the same load."""
+        k = args.steps
+        return statistics.median(statistics.median(times["plain"][r * k:(r + 1) * k])
+                                 / statistics.median(times[name][r * k:(r + 1) * k]) for r in range(args.rounds))
+
     rows = []
     for name in runners:
         med = statistics.median(times[name])
         f, b, st = (statistics.median(p[i] for p in parts[name]) for i in range(3))
         rows.append({"variant": name, "median_step_s": med, "samples_per_sec": args.batch / med,
-                     "ratio_to_plain": plain / med if plain else None, "forward_s": f, "backward_s": b, "step_s": st,
+                     "ratio_to_plain": plain / med if plain else None,
+                     "paired_ratio_to_plain": paired_ratio(name) if plain else None, "forward_s": f, "backward_s": b, "step_s": st,
                      "overhead_s": med - plain if plain else None, "steps_timed": len(times[name]),
                      "ds_config": getattr(runners[name], "ds", None)})
     print(f"\n{args.model}, latent {s}×{s}, batch {n}, fp32, one process, {torch.get_num_threads()} torch threads; "
           f"median of {args.rounds} interleaved rounds × {args.steps} steps")
-    print(f"{'variant':<14}{'s/step':>8}{'samples/s':>11}{'× plain':>9}{'fwd s':>8}{'bwd s':>8}{'step s':>8}{'+s':>8}")
+    print(f"{'variant':<14}{'s/step':>8}{'samples/s':>11}{'× plain':>9}{'paired':>8}{'fwd s':>8}{'bwd s':>8}{'step s':>8}{'+s':>8}")
     for r in rows:
         print(f"{r['variant']:<14}{r['median_step_s']:>8.3f}{r['samples_per_sec']:>11.2f}"
-              f"{(r['ratio_to_plain'] or 0):>9.3f}{r['forward_s']:>8.3f}{r['backward_s']:>8.3f}{r['step_s']:>8.3f}"
+              f"{(r['ratio_to_plain'] or 0):>9.3f}{(r['paired_ratio_to_plain'] or 0):>8.3f}{r['forward_s']:>8.3f}{r['backward_s']:>8.3f}{r['step_s']:>8.3f}"
               f"{(r['overhead_s'] or 0):>+8.3f}")
     load = os.getloadavg()
     print(f"load average {load}")

@@ -5,7 +5,8 @@
 
 How the bytes a rank holds are measured (``measure_job``):
   1. Before the model is built, every live tensor storage in the process is recorded (``gc.get_objects()``).
-  2. The DiT is built, handed to ``deepspeed.initialize`` exactly as the trainer does (``param_groups`` +
+  2. The DiT is built, handed to ``trainer.parallelize.initialize_engine`` exactly as the trainer does
+     (``deepspeed.initialize`` + the fp32 master aliasing of trainer/zero_master.py, ``param_groups`` +
      ``optimizer_config`` from trainer/loop.py, the JSON filled by ``trainer.ds_config.fill_ds_config``, fp32),
      and trained one full step, then a second forward + backward.
   3. Right after that second backward (grads and optimizer states both alive: the model-state peak) every live
@@ -79,21 +80,22 @@ def _categorise(engine, stage: int) -> dict[int, str]:
 
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
-    for state in getattr(inner, "state", {}).values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor):
-                mark(v, "optim")
-    for group in getattr(inner, "param_groups", []):
-        for p in group["params"]:
-            mark(p, "optim")  # fp32 master partitions stepped by the optimizer
-            if p.grad is not None:
-                mark(p.grad, "grads")
+    # the weights first: a ZeRO-1/2 master partition aliased to them (trainer/zero_master.py) is no extra memory
     for p in engine.module.parameters():
         if hasattr(p, "ds_tensor"):
             mark(p.ds_tensor, "params")
         mark(p, "params")
         if p.grad is not None:
             mark(p.grad, "grads")
+    for state in getattr(inner, "state", {}).values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                mark(v, "optim")
+    for group in getattr(inner, "param_groups", []):
+        for p in group["params"]:
+            mark(p, "optim")  # fp32 master partitions stepped by the optimizer (unless aliased to the weights)
+            if p.grad is not None:
+                mark(p.grad, "grads")
     for name in ("grads_in_partition", "grad_partitions_flat_buffer", "averaged_gradients",
                  "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", "fp32_partitioned_groups_flat",
                  "fp16_partitioned_groups_flat", "bit16_groups_flat", "single_partition_of_fp32_groups"):
@@ -130,12 +132,11 @@ def _snapshot(engine, stage: int, baseline: set) -> dict:
 
 def measure_job(job: dict) -> dict:
     """One engine on this rank: build, train 1 step + forward/backward, snapshot; returns bytes by category."""
-    import deepspeed
-
     from models.dit import DiT
     from trainer.config import load_config
     from trainer.ds_config import fill_ds_config, load_ds_config
     from trainer.loop import optimizer_config, param_groups
+    from trainer.parallelize import initialize_engine
 
     world = torch.distributed.get_world_size()
     micro = job.get("micro_batch", 2)
@@ -156,7 +157,7 @@ def measure_job(job: dict) -> dict:
     baseline = set(_live_storages())
     torch.manual_seed(0)
     model = DiT(**kw)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds)
+    engine, *_ = initialize_engine(model=model, model_parameters=param_groups(model, 0.0), config=ds)
     del model
     result = {"stage": stage}
     for step in range(2):

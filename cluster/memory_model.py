@@ -11,7 +11,9 @@ Model states (bytes per rank), with Ψ trainable parameters, N ranks in the ZeRO
                   grads   w·Ψ/N         (reduced into the owned partition bucket by bucket; stage 1 as well
                                          when each step is one micro-batch; with accumulation stage 1 keeps
                                          full gradients, w·Ψ, until the boundary)
-                  optim   4Ψ/N + 8Ψ/N   (the fp32 master partition is a *clone* even in fp32 + Adam m, v)
+                  optim   8Ψ/N          (Adam m, v; DeepSpeed's fp32 master partition would be a *clone* even
+                                         of fp32 weights, 4Ψ/N more: trainer/zero_master.py aliases it to
+                                         the weights when w = 4 and the optimizer is not offloaded)
                   buffers reduce bucket(s) only while backward runs (reduce_bucket_size, ×2 with overlap_comm)
     stage 3       params  w·Σ⌈n_i/N⌉ + w·Σ_{n_i ≤ persistence threshold} n_i  (partitions + persistent params)
                   grads   4Ψ/N
@@ -175,8 +177,10 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
             transient = 0.0
     optim_master = 4 * (psi_r if stage == 0 else part)
     optim_adam = 8 * (psi_r if stage == 0 else part)
-    if stage == 0 and w == 4:
-        optim_master = 0.0  # no ZeRO: torch AdamW steps the module's fp32 weights themselves
+    if w == 4 and (stage == 0 or (stage in (1, 2) and not z["offload_optimizer"])):
+        # no ZeRO: torch AdamW steps the module's fp32 weights themselves; ZeRO-1/2: the master partition
+        # aliases the rank's fp32 weight partition (trainer/zero_master.py)
+        optim_master = 0.0
     optim = optim_master + optim_adam
     host = 0.0
     if z["offload_optimizer"] and stage in (1, 2, 3):

@@ -301,12 +301,24 @@ def _tp_name_map(module) -> dict:
     return {n: n for n, _ in module.named_parameters()}
 
 
+def initialize_engine(**kwargs):
+    """``deepspeed.initialize``, then drop ZeRO-1/2's redundant fp32 master clone (trainer/zero_master.py).
+
+    Every engine of the trainer (and the benchmarks that measure it) is built here.
+    """
+    import deepspeed
+
+    from trainer.zero_master import alias_fp32_master_partitions
+
+    engine, optimizer, loader, scheduler = deepspeed.initialize(**kwargs)
+    alias_fp32_master_partitions(optimizer)
+    return engine, optimizer, loader, scheduler
+
+
 def build_engine(model, *, arch: dict, topo: Topology, ds: dict, objective, param_groups: Callable,
                  lr_scheduler: Callable, grad_checkpoint: int = 0, pipeline_partition: str = "parameters",
                  rank: Optional[int] = None) -> ParallelEngine:
     """``model``: the full plain DiT, built with the run seed on every rank. Collective."""
-    import deepspeed
-
     rank = dist.get_rank() if rank is None else rank
     coords = topo.coords(rank)
     ds = dict(ds)
@@ -325,14 +337,14 @@ def build_engine(model, *, arch: dict, topo: Topology, ds: dict, objective, para
         for i, g in enumerate(groups):
             g.setdefault("name", f"group{i}")
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
+        engine, optimizer, _, scheduler = initialize_engine(model=model, model_parameters=groups, config=ds,
                                                                lr_scheduler=lr_scheduler)
         num_local = arch["moe"]["num_experts"] // topo.expert
         name_map = moe_name_map([n for n, _ in engine.module.named_parameters()], num_local, coords.expert)
         return ParallelEngine(engine, optimizer, scheduler, topo, coords, False, name_map, {}, moe_layers)
 
     if topo.tensor == 1 and topo.pipeline == 1:
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+        engine, optimizer, _, scheduler = initialize_engine(model=model, model_parameters=param_groups(model),
                                                                config=ds, lr_scheduler=lr_scheduler)
         return ParallelEngine(engine, optimizer, scheduler, topo, coords, False, _tp_name_map(engine.module))
 
@@ -344,7 +356,7 @@ def build_engine(model, *, arch: dict, topo: Topology, ds: dict, objective, para
         split = tensor_parallelize(model, coords.tensor, topo.tensor)
 
     if topo.pipeline == 1:
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+        engine, optimizer, _, scheduler = initialize_engine(model=model, model_parameters=param_groups(model),
                                                                config=ds, mpu=mpu, lr_scheduler=lr_scheduler)
         return ParallelEngine(engine, optimizer, scheduler, topo, coords, False, _tp_name_map(engine.module), split,
                               mpu=mpu)
@@ -370,7 +382,7 @@ def build_engine(model, *, arch: dict, topo: Topology, ds: dict, objective, para
                            f"the topology {coords}")
     # The carried conditioning vector needs its gradient sent back: no activation partitioning over TP.
     ds["pipeline"] = {**ds.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, model_parameters=param_groups(module),
+    engine, optimizer, _, scheduler = initialize_engine(model=module, model_parameters=param_groups(module),
                                                            config=ds, lr_scheduler=lr_scheduler)
     name_map = pipeline_name_map([n for n, _ in module.named_parameters()], arch["depth"])
     return ParallelEngine(engine, optimizer, scheduler, topo, coords, True, name_map, split, 0, loss, mpu)

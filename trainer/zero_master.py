@@ -1,0 +1,46 @@
+"""Drop DeepSpeed ZeRO-1/2's second fp32 copy of the weights when the parameters already are fp32.
+
+ZeRO-1/2 keep a "master" fp32 partition beside the (normally 16-bit) parameters: the optimizer updates the
+master and DeepSpeed copies it back into the parameter partition after every step. This trainer's bf16 is
+torch autocast over fp32 parameters (trainer/ds_config.py), so in fp32 and bf16 runs the master and the
+parameter partition have the same dtype and, after every step, the same values: the master is a second
+copy of 4 bytes × (parameters ÷ data-parallel ranks) per rank, and its copy-back one more pass per step.
+
+``alias_fp32_master_partitions`` points each master at the storage of the rank's own parameter partition,
+so the optimizer updates the parameters in place, DeepSpeed's copy-back becomes a copy of a tensor onto
+itself (which torch skips), and the clone is freed. It applies only where that is exact: DeepSpeed's
+ZeRO-1/2 optimizer, no CPU offload (the master lives in host memory there), same dtype, device and shape.
+fp16 runs keep 16-bit parameters and are left alone, so loss-scale overflow skips behave as DeepSpeed
+intends. ZeRO-3 keeps its own clone (its partitions swap and offload per sub-group).
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def alias_fp32_master_partitions(optimizer) -> int:
+    """Alias every eligible master partition to its parameter partition; returns the bytes freed (0: none).
+
+    Call right after ``deepspeed.initialize``, before the first step and before loading a checkpoint:
+    DeepSpeed's fp32 checkpoint load then writes into the parameters, which is what resume needs.
+    """
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:  # a DeepSpeed without the ZeRO-1/2 optimizer: nothing to alias
+        return 0
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return 0
+    freed = 0
+    for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+        own = optimizer.parallel_partitioned_bit16_groups[i][dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        if (own.dtype, own.device, own.shape) != (master.dtype, master.device, master.shape):
+            continue
+        if master.data_ptr() == own.data_ptr():
+            continue  # already aliased
+        freed += master.numel() * master.element_size()
+        master.data = own.data  # same tensor object: the optimizer's param_groups and state keys stay valid
+    if freed:
+        # each parameter's high-precision mapping (safe_get_full_fp32_param, universal checkpoints) holds
+        # views of the old master: rebuild them over the aliased storage, as DeepSpeed does after offload
+        optimizer._link_all_hp_params()
+    return freed
