@@ -25,6 +25,8 @@ def _run(*args, world_size=None):
     (["parallel.pipeline=2", "--ds_config", "zero2.json", "--validate_only"],
      "ZeRO stage 2 cannot be combined with parallel.pipeline=2"),
     (["parallel.tensor=3", "--validate_only"], "world size 4 is not divisible by parallel.tensor × parallel.pipeline"),
+    (["train.compile=true", "--ds_config", "zero3.json", "--validate_only"],
+     "train.compile=true does not work with ZeRO-3"),
 ])
 def test_config_errors_exit_nonzero_naming_the_key(demo_root, args, needle):
     proc = _run(f"data.root={demo_root}", *args, world_size=4)

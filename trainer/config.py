@@ -94,6 +94,7 @@ class TrainSection:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    compile: bool = False  # torch.compile each DiT block (trainer/compile.py); ZeRO 0-2, no TP/PP/MoE
     fused_adamw: bool = True  # torch's one-pass AdamW kernel (CPU and CUDA); false: the multi-tensor one
     grad_clip: float = 1.0
     ema_decay: float = 0.9999

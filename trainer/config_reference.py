@@ -58,6 +58,7 @@ HELP = {
     "train.beta1": "AdamW β1",
     "train.beta2": "AdamW β2",
     "train.eps": "AdamW ε",
+    "train.compile": "torch.compile each DiT block (inductor fuses norm, modulation, GELU and residuals around the matmuls); not with ZeRO-3, tensor/pipeline parallel or MoE",
     "train.fused_adamw": "torch's fused AdamW kernel: one pass over weights, grads and moments, no temporaries (false: multi-tensor `foreach`)",
     "train.grad_clip": "gradient-norm clipping (0 = off)",
     "train.ema_decay": "EMA decay of the sampling weights",

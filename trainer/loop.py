@@ -92,6 +92,10 @@ class Trainer:
         self.arch = architecture(cfg, in_channels=channels, input_size=size, num_classes=first.num_classes)
         seed_everything(cfg.run.seed)
         model = build_model(self.arch, grad_checkpoint=cfg.model.grad_checkpoint)
+        if cfg.train.compile:
+            from trainer.compile import compile_blocks
+
+            log0(f"train.compile: {compile_blocks(model)} DiT blocks compiled with torch.compile (first steps compile)")
         self.objective = build_objective_from_config(cfg, self.arch["learn_sigma"])
         ds = dict(self.ds)
         ds["optimizer"] = optimizer_config(cfg)
@@ -356,7 +360,14 @@ class Trainer:
                     barrier()  # no rank exits (and gets its peers killed by srun) before W&B has flushed
                     return EXIT_PREEMPTED
         self.sample(self.stages[-1], name="final.png")
-        self.metrics.event({"step": self.state.step, "event": "finished"})
+        finished = {"step": self.state.step, "event": "finished"}
+        if self.cfg.train.compile:
+            from trainer.compile import compile_report
+
+            finished["compile"] = compile_report()
+            log0(f"train.compile: {finished['compile']['graphs']} graphs compiled, "
+                 f"{finished['compile']['graph_breaks']} graph breaks")
+        self.metrics.event(finished)
         self.monitor.close("finished")
         self.metrics.close()
         log0(f"finished {self.state.step} steps; outputs in {os.path.abspath(self.run_dir)}")

@@ -81,5 +81,13 @@ def validate_run(cfg: RunConfig, ds: dict, world_size: int) -> tuple[list[Stage]
     arch = architecture(cfg, in_channels=channels, input_size=h, num_classes=first.num_classes)
     topo.validate(zero_stage=zero_stage(ds), num_heads=arch["num_heads"], hidden_size=arch["hidden_size"],
                   depth=arch["depth"], num_experts=cfg.model.moe.num_experts)
+    if cfg.train.compile:
+        from trainer.compile import compile_conflicts
+
+        reasons = compile_conflicts(zero_stage=zero_stage(ds), tensor=topo.tensor, pipeline=topo.pipeline,
+                                    num_experts=cfg.model.moe.num_experts)
+        if reasons:
+            raise ConfigError("train.compile=true does not work with " + "; ".join(reasons)
+                              + ": set train.compile=false or change the layout")
     validate_stage_batches(stages, topo)
     return stages, shard_sets, topo
