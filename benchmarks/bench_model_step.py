@@ -7,6 +7,9 @@ warmup and the median is reported, so drifting machine speed hits both alike. MF
 
     python benchmarks/bench_model_step.py                      # DiT-S/2
     python benchmarks/bench_model_step.py --model DiT-B/2 --repeats 6
+    python benchmarks/bench_model_step.py --compile             # + both models with per-block torch.compile
+
+Both models step torch's fused AdamW (the trainer's default, train.fused_adamw).
 """
 from __future__ import annotations
 
@@ -62,7 +65,8 @@ class TrainStep:
         self.model = model
         self.is_diffusers = is_diffusers
         self.x, self.t, self.y, self.target = batch
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        # the trainer's default optimizer (train.fused_adamw): torch's one-pass AdamW, the same for both models
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
         self.precision = precision
 
     def __call__(self) -> float:
@@ -100,6 +104,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models with every transformer block torch.compile'd (train.compile)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_model_step_<model>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,6 +115,12 @@ def main() -> None:
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")
 
     ours, theirs = build_pair(args.model, args.input_size)
+    models = {"ours": (ours, False), "diffusers": (theirs, True)}
+    if args.compile:  # separate copies with the same weights; per-block compile for both (trainer/compile.py)
+        ours_c, theirs_c = build_pair(args.model, args.input_size)
+        for block in list(ours_c.blocks) + list(theirs_c.transformer_blocks):
+            block.compile()
+        models.update({"ours+compile": (ours_c, False), "diffusers+compile": (theirs_c, True)})
     flops = ours.flops_per_sample(train=True)
     g = torch.Generator().manual_seed(0)
     n, c, s = args.batch, ours.in_channels, args.input_size
@@ -117,30 +129,34 @@ def main() -> None:
 
     rows = []
     for precision in args.precisions.split(","):
-        steps = {"ours": TrainStep(ours, False, batch, precision), "diffusers": TrainStep(theirs, True, batch, precision)}
+        steps = {name: TrainStep(model, is_diffusers, batch, precision) for name, (model, is_diffusers) in models.items()}
         times = time_steps(steps, args.warmup, args.repeats)
         medians = {name: statistics.median(v) for name, v in times.items()}
-        # adjacent steps of the two models see the same machine load: the median of their ratios is the
-        # most load-robust comparison on a shared machine
-        paired = statistics.median(d / o for o, d in zip(times["ours"], times["diffusers"]))
-        best = min(times["diffusers"]) / min(times["ours"])
         for name in steps:
             sps = n / medians[name]
             rows.append(dict(model=args.model, impl=name, precision=precision, step_s=medians[name],
                              samples_per_s=sps, mfu=flops * sps / (peaks[precision] * 1e9),
                              all_step_s=times[name]))
-        rows.append(dict(model=args.model, impl="ratio ours/diffusers", precision=precision,
-                         speedup=medians["diffusers"] / medians["ours"], speedup_paired=paired, speedup_best=best))
+        pairs = [("ours", "diffusers")]
+        if args.compile:
+            pairs += [("ours+compile", "diffusers+compile"), ("ours+compile", "ours")]
+        for fast, slow in pairs:
+            # adjacent steps see the same machine load: the median of their ratios is the most load-robust
+            # comparison on a shared machine
+            paired = statistics.median(d / o for o, d in zip(times[fast], times[slow]))
+            best = min(times[slow]) / min(times[fast])
+            rows.append(dict(model=args.model, impl=f"ratio {fast}/{slow}", precision=precision,
+                             speedup=medians[slow] / medians[fast], speedup_paired=paired, speedup_best=best))
 
     print(f"\n{args.model} train step, latent {s}x{s}, batch {n}, {flops / 3 / 1e9:.2f} GFLOP fwd/sample, "
           f"{args.repeats} interleaved repeats (median)")
-    print(f"{'precision':<10}{'impl':<12}{'step s':>9}{'samples/s':>11}{'MFU':>8}")
+    print(f"{'precision':<10}{'impl':<34}{'step s':>9}{'samples/s':>11}{'MFU':>8}")
     for row in rows:
         if "speedup" in row:
-            print(f"{row['precision']:<10}{'ours/diff':<12}{'':>9}{row['speedup']:>10.3f}x  (speed ratio of medians; "
+            print(f"{row['precision']:<10}{row['impl']:<34}{row['speedup']:>9.3f}x  (speed ratio of medians; "
                   f"paired median {row['speedup_paired']:.3f}x, best-of {row['speedup_best']:.3f}x)")
         else:
-            print(f"{row['precision']:<10}{row['impl']:<12}{row['step_s']:>9.3f}{row['samples_per_s']:>11.2f}"
+            print(f"{row['precision']:<10}{row['impl']:<34}{row['step_s']:>9.3f}{row['samples_per_s']:>11.2f}"
                   f"{100 * row['mfu']:>7.1f}%")
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_model_step_{args.model.replace('/', '_')}.json"
