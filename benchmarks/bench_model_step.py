@@ -31,14 +31,23 @@ from models import create_model  # noqa: E402
 from models.convert import align_diffusers_timestep_embedding, diffusers_config, official_to_diffusers  # noqa: E402
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), repeats: int = 10) -> float:
+    """Best-of-``repeats`` square matmul rate: the denominator of MFU (2048² on CPU, 8192² on a GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         torch.mm(a, b)
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / min(times) / 1e9
 
@@ -70,7 +79,8 @@ class TrainStep:
         self.precision = precision
 
     def __call__(self) -> float:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        device_type = self.x.device.type
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         with autocast:
             out = self.model(self.x, self.t, self.y)
             if self.is_diffusers:
@@ -79,7 +89,7 @@ class TrainStep:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # also waits for a GPU to finish the step
 
 
 def time_steps(steps: dict[str, TrainStep], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -103,29 +113,35 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:k]")
     parser.add_argument("--compile", action="store_true",
                         help="also time both models with every transformer block torch.compile'd (train.compile)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_model_step_<model>.json)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    else:  # fp32 matmuls as fp32 (no TF32), so "fp32" means the same on both kinds of device
+        torch.backends.cuda.matmul.allow_tf32 = False
 
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
-    print(f"matmul peak (2048^2 torch.mm, {args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s")
+    peaks = {"fp32": matmul_peak_gflops(torch.float32, device), "bf16": matmul_peak_gflops(torch.bfloat16, device)}
+    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"matmul peak ({device}, {where}): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
-    ours, theirs = build_pair(args.model, args.input_size)
+    ours, theirs = (m.to(device) for m in build_pair(args.model, args.input_size))
     models = {"ours": (ours, False), "diffusers": (theirs, True)}
     if args.compile:  # separate copies with the same weights; per-block compile for both (trainer/compile.py)
-        ours_c, theirs_c = build_pair(args.model, args.input_size)
+        ours_c, theirs_c = (m.to(device) for m in build_pair(args.model, args.input_size))
         for block in list(ours_c.blocks) + list(theirs_c.transformer_blocks):
             block.compile()
         models.update({"ours+compile": (ours_c, False), "diffusers+compile": (theirs_c, True)})
     flops = ours.flops_per_sample(train=True)
     g = torch.Generator().manual_seed(0)
     n, c, s = args.batch, ours.in_channels, args.input_size
-    batch = (torch.randn(n, c, s, s, generator=g), torch.randint(0, 1000, (n,), generator=g),
-             torch.randint(0, 1000, (n,), generator=g), torch.randn(n, ours.out_channels, s, s, generator=g))
+    batch = tuple(v.to(device) for v in (
+        torch.randn(n, c, s, s, generator=g), torch.randint(0, 1000, (n,), generator=g),
+        torch.randint(0, 1000, (n,), generator=g), torch.randn(n, ours.out_channels, s, s, generator=g)))
 
     rows = []
     for precision in args.precisions.split(","):
@@ -163,6 +179,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         benchmark="bench_model_step", model=args.model, input_size=s, batch=n, threads=args.threads,
+        device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         train_flops_per_sample=flops, peak_gflops=peaks, rows=rows, torch=torch.__version__,
         machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
         command=" ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
