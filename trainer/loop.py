@@ -195,7 +195,7 @@ class Trainer:
         loader = make_loader(shards, batch_size=stage.micro_batch, dp_rank=self.dp_rank, dp_size=self.topo.data,
                              seed=self.cfg.run.seed + 7919 * stage.index, num_workers=self.cfg.data.num_workers,
                              shuffle_buffer=self.cfg.data.shuffle_buffer, resampled=self.cfg.data.resampled,
-                             start_batch=self.state.data_batches)
+                             start_batch=self.state.data_batches, pin_memory=self.device.type == "cuda")
         self.loader = loader
         return iter(loader)
 
