@@ -17,7 +17,7 @@ Model states (bytes per rank), with Ψ trainable parameters, N ranks in the ZeRO
                   buffers reduce bucket(s) only while backward runs (reduce_bucket_size, ×2 with overlap_comm)
     stage 3       params  w·Σ⌈n_i/N⌉ + w·Σ_{n_i ≤ persistence threshold} n_i  (partitions + persistent params)
                   grads   4Ψ/N
-                  optim   4Ψ/N + 8Ψ/N
+                  optim   8Ψ/N          (+ 4Ψ/N master clone unless aliased: w = 4, nothing offloaded)
                   buffers reduce_bucket_size · 4 bytes, kept allocated between steps
                   + at run time the gathered parameters of the live layers (≈ prefetch bucket, transient)
     offload_optimizer (stage 2/3): master, Adam moments and fp32 grads move to host memory, plus a w·Ψ/N
@@ -177,8 +177,9 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
             transient = 0.0
     optim_master = 4 * (psi_r if stage == 0 else part)
     optim_adam = 8 * (psi_r if stage == 0 else part)
-    if w == 4 and (stage == 0 or (stage in (1, 2) and not z["offload_optimizer"])):
-        # no ZeRO: torch AdamW steps the module's fp32 weights themselves; ZeRO-1/2: the master partition
+    if w == 4 and (stage == 0 or (stage in (1, 2) and not z["offload_optimizer"])
+                   or (stage == 3 and not z["offload_optimizer"] and not z["offload_param"])):
+        # no ZeRO: torch AdamW steps the module's fp32 weights themselves; ZeRO-1/2/3: the master partition
         # aliases the rank's fp32 weight partition (trainer/zero_master.py)
         optim_master = 0.0
     optim = optim_master + optim_adam

@@ -25,7 +25,7 @@ def _run(ds_config: str, tmp_path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("ds_config", ["zero1.json", "zero2.json"])
+@pytest.mark.parametrize("ds_config", ["zero1.json", "zero2.json", "zero3.json"])
 def test_aliased_master_trains_and_resumes_bit_exactly(ds_config, tmp_path):
     ranks = _run(ds_config, tmp_path)
     assert len(ranks) == 2
@@ -35,7 +35,7 @@ def test_aliased_master_trains_and_resumes_bit_exactly(ds_config, tmp_path):
         assert r["shipped_layout"] and not any(g["aliased"] for g in r["shipped_layout"]), r["shipped_layout"]
         assert all(g["aliased"] for g in r["aliased_layout"]), r["aliased_layout"]
         assert all(g["aliased"] for g in r["resumed_layout"]), r["resumed_layout"]
-        # the optimizer now steps the weights in place: same losses and weights, bit for bit
+        # the optimizer now steps the weights in place: same losses and (gathered, full) weights, bit for bit
         assert r["aliased_losses"] == r["shipped_losses"], f"rank {rank}"
         assert r["aliased_weights"] == r["shipped_weights"], f"rank {rank}"
         # resume from the step-2 checkpoint continues exactly
@@ -45,8 +45,9 @@ def test_aliased_master_trains_and_resumes_bit_exactly(ds_config, tmp_path):
     assert ranks[0]["aliased_losses"] != ranks[1]["aliased_losses"]
 
 
-def test_offloaded_master_is_left_alone_and_still_trains_exactly(tmp_path):
-    for r in _run("zero2_offload.json", tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero2_offload.json", "zero3_offload.json"])
+def test_offloaded_master_is_left_alone_and_still_trains_exactly(ds_config, tmp_path):
+    for r in _run(ds_config, tmp_path):
         # with the optimizer offloaded the master lives in host buffers of its own: no aliasing there
         assert not any(g["aliased"] for g in r["aliased_layout"])
         assert r["aliased_losses"] == r["shipped_losses"]

@@ -69,13 +69,21 @@ def _train(engine, rank: int, steps) -> list[float]:
 
 
 def _weights(engine) -> list[list[float]]:
-    return [p.detach().flatten().tolist() for p in engine.module.parameters()]
+    """Full weights on every rank (ZeRO-3 holds only partitions: gather them for the read)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        return [p.detach().flatten().tolist() for p in params]
 
 
 def _master_layout(engine) -> list[dict]:
     import torch.distributed as dist
 
     opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        return [{"aliased": m.data_ptr() == own.data_ptr(), "numel": m.numel()}
+                for m, own in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat)]
     if not hasattr(opt, "single_partition_of_fp32_groups"):
         return []
     out = []

@@ -302,7 +302,7 @@ def _tp_name_map(module) -> dict:
 
 
 def initialize_engine(**kwargs):
-    """``deepspeed.initialize``, then drop ZeRO-1/2's redundant fp32 master clone (trainer/zero_master.py).
+    """``deepspeed.initialize``, then drop ZeRO's redundant fp32 master clone (trainer/zero_master.py).
 
     Every engine of the trainer (and the benchmarks that measure it) is built here.
     """
