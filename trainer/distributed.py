@@ -112,6 +112,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Tear the process group down after a clean finish: every rank leaves together, and gloo/NCCL threads
+    are joined before interpreter teardown (left to exit-time destructors, one rank occasionally aborted with
+    "terminate called without an active exception" after a complete run, failing the job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if any rank raised the flag (preemption, stop request)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

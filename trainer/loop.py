@@ -18,7 +18,7 @@ from trainer import checkpoint as ckpt
 from trainer.alerts import fault_pause_after_checkpoint, optimizer_update_skipped
 from trainer.config import RunConfig, save_config
 from trainer.data import ShardSet, load_vae, make_loader
-from trainer.distributed import all_reduce_max_flag, barrier
+from trainer.distributed import all_reduce_max_flag, barrier, shutdown
 from trainer.lr_schedule import StageLRScheduler
 from trainer.metrics import JsonlSink, Metrics, NullSink
 from trainer.model_factory import architecture, build_model, build_objective_from_config
@@ -384,7 +384,9 @@ def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device) -> 
     trainer = Trainer(cfg, ds, stages, shard_sets, topo, device)
     trainer.setup()
     try:
-        return trainer.train()
+        code = trainer.train()
+        shutdown()  # every exit code of train() is reached by all ranks together (finished, preempted, NaN stop)
+        return code
     except Exception as exc:
         monitor = getattr(trainer, "monitor", None)
         if monitor is not None:  # an 'error' event and alert for the status tool, then the real traceback
