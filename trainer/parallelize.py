@@ -311,7 +311,10 @@ def initialize_engine(**kwargs):
     from trainer.zero_master import alias_fp32_master_partitions
 
     engine, optimizer, loader, scheduler = deepspeed.initialize(**kwargs)
-    alias_fp32_master_partitions(optimizer)
+    freed = alias_fp32_master_partitions(optimizer)
+    if freed and dist.get_rank() == 0:
+        print(f"[trainer] ZeRO fp32 master partitions share the weights' memory: {freed / 2**20:.1f} MiB freed "
+              "on rank 0", flush=True)
     return engine, optimizer, loader, scheduler
 
 
