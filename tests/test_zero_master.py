@@ -61,3 +61,13 @@ def test_non_zero_optimizers_are_not_touched():
     opt = torch.optim.AdamW([p])
     assert alias_fp32_master_partitions(opt) == 0
     assert alias_fp32_master_partitions(None) == 0
+
+
+def test_a_deepspeed_without_the_expected_internals_keeps_its_clone_with_a_warning():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from trainer.zero_master import alias_fp32_master_partitions
+
+    hollow = object.__new__(DeepSpeedZeroOptimizer)  # the class, none of the attributes a future release may rename
+    with pytest.warns(UserWarning, match="keeping its fp32 master clone"):
+        assert alias_fp32_master_partitions(hollow) == 0

@@ -20,6 +20,8 @@ well). ``alias_fp32_master_partitions`` completes it for sub-groups that are nei
 """
 from __future__ import annotations
 
+import warnings
+
 import torch.distributed as dist
 
 
@@ -28,15 +30,29 @@ def alias_fp32_master_partitions(optimizer) -> int:
 
     Call right after ``deepspeed.initialize``, before the first step and before loading a checkpoint:
     DeepSpeed's fp32 checkpoint load then writes into the parameters, which is what resume needs.
+    This reads DeepSpeed internals; a DeepSpeed whose optimizer lacks them keeps its clone, with a warning.
     """
     try:
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:  # a DeepSpeed without these optimizers: nothing to alias
         return 0
-    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
-        return _alias_stage3(optimizer)
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+    try:
+        if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+            return _alias_stage3(optimizer)
+        if isinstance(optimizer, DeepSpeedZeroOptimizer):
+            return _alias_stage1_and_2(optimizer)
+    except AttributeError as exc:
+        import deepspeed
+
+        warnings.warn(f"DeepSpeed {deepspeed.__version__}'s ZeRO optimizer lacks {exc.name or exc!s}: keeping its "
+                      "fp32 master clone (4 bytes/param/rank more memory; training is unaffected)", stacklevel=2)
+    return 0
+
+
+def _alias_stage1_and_2(optimizer) -> int:
+    """ZeRO-1/2: each group's fp32 master partition onto the rank's partition of the flat parameter buffer."""
+    if optimizer.cpu_offload:
         return 0
     freed = 0
     for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
