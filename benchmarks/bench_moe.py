@@ -41,13 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "moe.json"))
     args = ap.parse_args(argv)
 
-    from models.dit import DiT, MODEL_SIZES
+    from models.dit import DiT, preset_kwargs
     from trainer.loop import param_groups
 
-    size, patch = args.model.split("-")[1].split("/")
-    depth, hidden, heads = MODEL_SIZES[size]
-    base = dict(input_size=args.input_size, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
-                num_heads=heads, num_classes=1000)
+    base = dict(preset_kwargs(args.model), input_size=args.input_size, in_channels=4, num_classes=1000)
     moe = {"num_experts": args.experts, "top_k": args.top_k, "capacity_factor": args.capacity_factor}
     variants = {"dense": base, f"moe_e{args.experts}_top{args.top_k}": dict(base, moe=moe)}
     runners = {}

@@ -169,12 +169,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _init_single_process()
-    from models.dit import MODEL_SIZES
+    from models.dit import preset_kwargs
 
-    size, patch = args.model.split("-")[1].split("/")
-    depth, hidden, heads = MODEL_SIZES[size]
-    kw = dict(input_size=args.input_size, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
-              num_heads=heads, num_classes=1000)
+    kw = dict(preset_kwargs(args.model), input_size=args.input_size, in_channels=4, num_classes=1000)
     g = torch.Generator().manual_seed(0)
     n, s = args.batch, args.input_size
     x = torch.randn(n, 4, s, s, generator=g)

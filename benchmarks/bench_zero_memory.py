@@ -250,15 +250,6 @@ def run_jobs(world: int, jobs: list[dict], timeout: float = 600) -> list[list[di
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _model_kwargs(name: str, input_size: int) -> dict:
-    from models.dit import MODEL_SIZES
-
-    size, patch = name.split("-")[1].split("/")
-    depth, hidden, heads = MODEL_SIZES[size]
-    return dict(input_size=input_size, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
-                num_heads=heads, num_classes=1000)
-
-
 def expected(model_kwargs: dict, ds_name_or_dict, world: int) -> dict:
     from cluster.memory_model import count_params, model_state_bytes
     from trainer.ds_config import load_ds_config
@@ -290,8 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "zero_memory.json"))
     args = ap.parse_args(argv)
     from cluster.memory_model import count_params
+    from models.dit import preset_kwargs
 
-    kw = _model_kwargs(args.model, args.input_size)
+    kw = dict(preset_kwargs(args.model), input_size=args.input_size, in_channels=4, num_classes=1000)
     counts = count_params(kw)
     rows = []
     for world in args.ranks:

@@ -56,20 +56,16 @@ GiB = 2 ** 30
 def dit_kwargs(model: str, resolution: int, *, in_channels: int = 4, num_classes: int = 1000, vae_downsample: int = 8,
                moe_experts: int = 0, moe_top_k: int = 1, moe_every: int = 1) -> dict:
     """DiT constructor kwargs of a named preset ("DiT-XL/2") at an image resolution."""
-    from trainer.model_factory import NAME_RE, PRESETS
+    from models.dit import preset_kwargs
 
-    match = NAME_RE.match(model)
-    if not match:
-        raise ValueError(f"unknown model {model!r}; use DiT-S|B|L|XL/2|4|8")
-    depth, hidden, heads = PRESETS[match.group(1)]
-    patch = int(match.group(2))
+    preset = preset_kwargs(model)  # ValueError "unknown model name ..." for anything else
+    patch = preset["patch_size"]
     if resolution % vae_downsample:
         raise ValueError(f"resolution {resolution} is not divisible by the VAE downsampling factor {vae_downsample}")
     latent = resolution // vae_downsample
     if latent % patch:
         raise ValueError(f"latent size {latent} (resolution {resolution}/{vae_downsample}) is not divisible by patch {patch}")
-    kw = dict(input_size=latent, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-              num_heads=heads, num_classes=num_classes)
+    kw = dict(preset, input_size=latent, in_channels=in_channels, num_classes=num_classes)
     if moe_experts:
         kw["moe"] = {"num_experts": moe_experts, "top_k": moe_top_k, "every": moe_every}
     return kw

@@ -351,11 +351,22 @@ DiT_models = {
 }
 
 
-def create_model(name: str, **overrides: Any) -> DiT:
-    """Build a named DiT (e.g. "DiT-XL/2") with constructor overrides (input_size, moe, grad_checkpoint, ...)."""
+def preset_kwargs(name: str) -> dict:
+    """Architecture of a named preset ("DiT-XL/2"): depth, hidden_size, num_heads, patch_size (ValueError if unknown).
+
+    The one table of presets: create_model, the trainer's config (model.name), the planner and the benchmarks
+    all read it here.
+    """
     if name not in DiT_models:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(DiT_models)}")
-    return DiT_models[name](**overrides)
+    size, patch = name.removeprefix("DiT-").split("/")
+    depth, hidden_size, num_heads = MODEL_SIZES[size]
+    return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch))
+
+
+def create_model(name: str, **overrides: Any) -> DiT:
+    """Build a named DiT (e.g. "DiT-XL/2") with constructor overrides (input_size, moe, grad_checkpoint, ...)."""
+    return DiT(**preset_kwargs(name), **overrides)
 
 
 build_dit = create_model

@@ -5,17 +5,7 @@ in every checkpoint, and is compared on resume (a different architecture is refu
 """
 from __future__ import annotations
 
-import re
-
 from trainer.config import ConfigError, RunConfig
-
-PRESETS = {  # size letter → (depth, hidden, heads), as in the DiT paper
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-NAME_RE = re.compile(r"^DiT-(S|B|L|XL)/(2|4|8)$")
 
 
 def latent_size(resolution: int, downsample: int) -> int:
@@ -25,11 +15,12 @@ def latent_size(resolution: int, downsample: int) -> int:
 
 
 def architecture(cfg: RunConfig, *, in_channels: int, input_size: int, num_classes: int) -> dict:
+    from models.dit import DiT_models, preset_kwargs
+
     m = cfg.model
-    match = NAME_RE.match(m.name)
-    if match:
-        depth, hidden, heads = PRESETS[match.group(1)]
-        patch = int(match.group(2))
+    if m.name in DiT_models:
+        preset = preset_kwargs(m.name)
+        depth, hidden, heads, patch = preset["depth"], preset["hidden_size"], preset["num_heads"], preset["patch_size"]
         mlp_ratio = 4.0
     elif m.name == "custom":
         missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if getattr(m, k) is None]
@@ -37,9 +28,7 @@ def architecture(cfg: RunConfig, *, in_channels: int, input_size: int, num_class
             raise ConfigError(f"model.name=custom needs model.{', model.'.join(missing)}")
         depth, hidden, heads, patch, mlp_ratio = m.depth, m.hidden_size, m.num_heads, m.patch_size, 4.0
     else:
-        raise ConfigError(
-            f"unknown model.name '{m.name}'; use one of "
-            + ", ".join(f"DiT-{s}/{p}" for s in PRESETS for p in (2, 4, 8)) + " or 'custom'")
+        raise ConfigError(f"unknown model.name '{m.name}'; use one of {', '.join(DiT_models)} or 'custom'")
     arch = {
         "input_size": input_size,
         "patch_size": m.patch_size or patch,
