@@ -91,8 +91,10 @@ def worker(args) -> None:
 
 
 def launch(layout: str, out: str) -> dict:
+    from trainer.distributed import free_port
+
     n = LAYOUTS[layout][0]
-    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(_free_port()), os.path.abspath(__file__),
+    cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), os.path.abspath(__file__),
            "--worker", "--layout", layout, "--out", out]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -103,14 +105,6 @@ def launch(layout: str, out: str) -> dict:
         raise SystemExit(f"{layout} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     with open(out) as f:
         return json.load(f)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

@@ -30,7 +30,6 @@ import argparse
 import gc
 import os
 import platform
-import socket
 import sys
 import time
 import traceback
@@ -42,6 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_results  # noqa: E402
 
 import torch  # noqa: E402
+
+from trainer.distributed import free_port  # noqa: E402
 
 
 # --------------------------------------------------------------------------- per-rank measurement
@@ -199,19 +200,13 @@ def _worker(rank: int, world: int, port: int, jobs: list, queue) -> None:
         queue.put((rank, -1, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_jobs(world: int, jobs: list[dict], timeout: float = 600) -> list[list[dict]]:
     """Run every job in ``world`` fresh CPU ranks (gloo); returns results[job][rank]."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, jobs, queue), daemon=True) for r in range(world)]
     env_before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"

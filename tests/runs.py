@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from trainer.distributed import free_port
 from trainer.metrics import read_metrics  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,16 +21,8 @@ def train_cmd(nprocs: int, overrides: list[str], *, config="configs/tiny.yaml", 
         return [sys.executable, script, *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
-                "--master_port", str(_free_port()), script, *args]
-    return ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(_free_port()), script, *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+                "--master_port", str(free_port()), script, *args]
+    return ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(free_port()), script, *args]
 
 
 def _env() -> dict:

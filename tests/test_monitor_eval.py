@@ -115,11 +115,9 @@ def _evaluate(args, nprocs=1):
     if nprocs == 1:
         cmd = [sys.executable, "-m", "trainer.evaluate", *args]
     else:
-        import socket
+        from trainer.distributed import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
                str(port), "-m", "trainer.evaluate", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

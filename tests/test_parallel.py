@@ -295,8 +295,8 @@ def test_tensor_parallel_forward_backward_equal_full_model_and_slice_parameters(
     """2 gloo processes, no DeepSpeed: TP outputs/gradients equal the full model's; weights per rank ~halve."""
     import torch.multiprocessing as mp
 
-    from tests.runs import _free_port
+    from trainer.distributed import free_port
 
-    mp.spawn(_tp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     counts = torch.load(tmp_path / "0.pt")
     assert counts["tp"] < 0.6 * counts["ref"]

@@ -140,11 +140,9 @@ def main() -> int:
     ap.add_argument("--ds-config", default="zero2.json")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    import socket
+    from trainer.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as ckpt_dir:
         mp.start_processes(_rank_main, args=(args.world, port, args.ds_config, args.out, ckpt_dir), nprocs=args.world,
                            start_method="spawn")
