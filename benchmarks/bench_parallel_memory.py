@@ -6,7 +6,7 @@
 Each layout runs as a real ``deepspeed --num_gpus N`` job of this script (``--worker``): the full model is
 built with the seed on every rank, trainer/parallelize.py's ``build_engine`` applies the layout (ZeRO-1,
 AdamW), one optimizer step runs on a synthetic batch (so Adam's moments exist), and each rank counts
-the bytes it holds (trainer/parallelize.py ``state_bytes``: module parameters + fp32 master partition
+the bytes it holds (trainer/parallelize.py ``state_bytes``: module parameters + unaliased fp32 master partitions
 + optimizer moments). The largest rank is compared with the single process; for MoE the expert
 parameters per rank are compared between EP=1 and EP=2 on 2 ranks.
 """
