@@ -52,18 +52,9 @@ STOCK = {
 
 
 def _init_single_process():
-    import logging
+    from trainer.distributed import free_port, init_local_gloo_rank
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29613")
-    import deepspeed
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    init_local_gloo_rank(0, 1, free_port())
 
 
 def _cfg(batch: int):

@@ -181,16 +181,10 @@ def measure_job(job: dict) -> dict:
 
 def _worker(rank: int, world: int, port: int, jobs: list, queue) -> None:
     try:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        from trainer.distributed import init_local_gloo_rank
+
         torch.set_num_threads(1)
-        import logging
-
-        import deepspeed
-        from deepspeed.utils import logger
-
-        logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        init_local_gloo_rank(rank, world, port)
         for i, job in enumerate(jobs):
             res = measure_job(job)
             queue.put((rank, i, res))

@@ -94,16 +94,10 @@ def _master_layout(engine) -> list[dict]:
 
 
 def _rank_main(rank: int, world: int, port: int, ds_name: str, out: str, ckpt_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from trainer.distributed import init_local_gloo_rank
+
     torch.set_num_threads(1)
-    import logging
-
-    import deepspeed
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    init_local_gloo_rank(rank, world, port)
 
     shipped = _engine(ds_name, world, aliased=False)
     shipped_losses = _train(shipped, rank, range(STEPS))

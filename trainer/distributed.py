@@ -77,6 +77,21 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     return device
 
 
+def init_local_gloo_rank(rank: int, world: int, port: int) -> None:
+    """Start rank ``rank`` of ``world`` CPU processes on this host without a launcher (gloo, DeepSpeed's info
+    logging off): how the memory benchmarks and the multi-rank test workers bring up their spawned ranks."""
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    release_deepspeed_shm_names()
+
+
 def deepspeed_shm_path(rank: int) -> str:
     """/dev/shm file of DeepSpeed's CPU shared-memory all-reduce buffer for ``rank`` (name format of
     deepspeed/ops/csrc/cpu/comm/shm.cpp: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
