@@ -115,24 +115,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to RUN_DIR/evals.jsonl")
     args = p.parse_args(argv)
 
-    from trainer.config import ConfigError, load_config
-    from trainer.data import load_vae, open_shard_set
-    from trainer.export import load_ema_model, resolve_checkpoint
+    from trainer.checkpoint import read_trainer_state
+    from trainer.config import ConfigError
+    from trainer.data import load_vae
+    from trainer.export import load_ema_model, open_run_checkpoint
     from trainer.model_factory import build_objective_from_config
-    from trainer.stages import resolve_stages
 
     rank, world, device = _dist_setup()
     try:
-        ck = resolve_checkpoint(args.checkpoint)
-        run_dir = os.path.dirname(os.path.dirname(ck))
-        cfg = load_config(os.path.join(run_dir, "config.yaml"))
-        stage = resolve_stages(cfg)[-1]
-        shards = open_shard_set(stage.data_root, args.resolution or stage.resolution)
+        ck, run_dir, cfg, shards = open_run_checkpoint(args.checkpoint, args.resolution)
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with open(os.path.join(ck, "trainer_state.json")) as f:
-        step = int(json.load(f)["step"])
+    step = read_trainer_state(ck).step
     model, arch = load_ema_model(ck, input_size=shards.latent_shape[1], device=device)
     objective = build_objective_from_config(cfg, arch["learn_sigma"])
     vae = load_vae(shards)

@@ -31,6 +31,23 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def open_run_checkpoint(checkpoint: str, resolution: int | None = None, config: str | None = None):
+    """(checkpoint dir, run dir, run config, shard set) for the sampling tools (sample, evaluate).
+
+    ``checkpoint`` as for ``resolve_checkpoint``; the run's config.yaml unless ``config`` is given; the shard set
+    of the last stage, at ``resolution`` pixels if given. FileNotFoundError / ConfigError name what is missing.
+    """
+    from trainer.config import load_config
+    from trainer.data import open_shard_set
+    from trainer.stages import resolve_stages
+
+    ck = resolve_checkpoint(checkpoint)
+    run_dir = os.path.dirname(os.path.dirname(ck))
+    cfg = load_config(config or os.path.join(run_dir, "config.yaml"))
+    stage = resolve_stages(cfg)[-1]
+    return ck, run_dir, cfg, open_shard_set(stage.data_root, resolution or stage.resolution)
+
+
 def _model_shapes(arch: dict) -> dict:
     from trainer.model_factory import build_model
 

@@ -26,19 +26,14 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=None)
     args = p.parse_args(argv)
 
-    from trainer.config import ConfigError, load_config
-    from trainer.data import load_vae, open_shard_set
-    from trainer.export import load_ema_model, resolve_checkpoint
+    from trainer.config import ConfigError
+    from trainer.data import load_vae
+    from trainer.export import load_ema_model, open_run_checkpoint
     from trainer.model_factory import build_objective_from_config
     from trainer.sampling import sample_grid
-    from trainer.stages import resolve_stages
 
     try:
-        ck = resolve_checkpoint(args.checkpoint)
-        run_dir = os.path.dirname(os.path.dirname(ck))
-        cfg = load_config(args.config or os.path.join(run_dir, "config.yaml"))
-        stage = resolve_stages(cfg)[-1]
-        shards = open_shard_set(stage.data_root, args.resolution or stage.resolution)
+        ck, run_dir, cfg, shards = open_run_checkpoint(args.checkpoint, args.resolution, args.config)
     except (FileNotFoundError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
