@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from trainer.atomic import atomic_write_text
+from trainer.distributed import barrier, rank as current_rank
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE.json"
@@ -127,15 +127,6 @@ def check_model_config(saved: dict, current: dict, ignore=("input_size",)) -> No
             "). Start a new run.dir, or use checkpoint.init_from to initialise weights only.")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: int, rng: dict,
                     ema_writer_ranks: Optional[set] = None, extra_save=None) -> str:
     """Collective: every rank calls it. Returns the published path.
@@ -147,11 +138,11 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
     tmp_tag = ".tmp-" + tag
     tmp_path = os.path.join(ckpt_dir, tmp_tag)
     final_path = os.path.join(ckpt_dir, tag)
-    rank = _rank()
+    rank = current_rank()
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(tmp_path, ignore_errors=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state={"trainer_step": state.step}, save_latest=False)
     ema_state = ema.local_state()
     if ema.sharded:
@@ -161,7 +152,7 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
     torch.save(rng, os.path.join(tmp_path, f"rng_rank{rank:05d}.pt"))
     if extra_save is not None:
         extra_save(tmp_path)
-    _barrier()
+    barrier()
     if rank == 0:
         atomic_write_text(os.path.join(tmp_path, "trainer_state.json"), json.dumps(state.to_json(), indent=2))
         atomic_write_text(os.path.join(tmp_path, COMPLETE), json.dumps({"files": _file_sizes(tmp_path)}, indent=1))
@@ -171,7 +162,7 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
         atomic_write_text(os.path.join(ckpt_dir, "latest"), tag + "\n")
         for _, old in list_checkpoints(ckpt_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final_path
 
 
