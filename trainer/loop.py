@@ -200,15 +200,28 @@ class Trainer:
         return iter(loader)
 
     # ------------------------------------------------------------------ one step
+    def next_batch(self, it):
+        """The loader's next (latents, labels), with the wait counted as data time."""
+        t0 = time.perf_counter()
+        batch = next(it)
+        self.data_time += time.perf_counter() - t0
+        return batch
+
+    def step_randomness(self, shape: torch.Size, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps (N,), noise (N, C, H, W), label-drop flags (N,)) on CPU: a pure function of (seed,
+        data-parallel rank, step, micro-step), shared by the plain and the pipeline step so layouts agree."""
+        n = shape[0]
+        g = step_generator(self.cfg.run.seed, self.dp_rank, self.state.step, micro)
+        t = self.objective.sample_timesteps(n, generator=g)
+        noise = torch.randn(shape, generator=g)
+        drop = (torch.rand(n, generator=g) < self.arch["class_dropout_prob"]).long()
+        return t, noise, drop
+
     def _micro_step(self, batch, micro: int) -> dict:
         x, y = batch
         x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
         y = y.to(self.device, non_blocking=True)  # (N,)
-        n = x.shape[0]
-        g = step_generator(self.cfg.run.seed, self.dp_rank, self.state.step, micro)
-        t = self.objective.sample_timesteps(n, generator=g).to(self.device)
-        noise = torch.randn(x.shape, generator=g).to(self.device)
-        drop = (torch.rand(n, generator=g) < self.arch["class_dropout_prob"]).long().to(self.device)
+        t, noise, drop = (v.to(self.device) for v in self.step_randomness(x.shape, micro))
         timer = self.monitor.timer
         timer.start()
         out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},
@@ -241,10 +254,7 @@ class Trainer:
 
             sums = {k: v * gas for k, v in train_batch(self, it, gas).items()}
         for micro in range(0 if self.par.pipeline else gas):
-            t0 = time.perf_counter()
-            batch = next(it)
-            self.data_time += time.perf_counter() - t0
-            parts = self._micro_step(batch, micro)
+            parts = self._micro_step(self.next_batch(it), micro)
             for k in sums:
                 sums[k] = sums[k] + parts[k]
         self.state.data_batches += gas

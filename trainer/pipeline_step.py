@@ -2,8 +2,8 @@
 
 DeepSpeed's pipeline engine pulls ``gradient_accumulation_steps`` items from the iterator on the first
 stage (inputs) and on the last stage (labels); each item is ((x_t, t, y, force_drop), (x_start, noise, t)).
-Noise, timesteps and label dropout come from trainer/seeding.py's generator of (seed, data-parallel rank,
-step, micro-step), exactly as in the non-pipeline micro-step, so PP = 2 equals one process. Both stages
+Noise, timesteps and label dropout come from ``Trainer.step_randomness`` (a generator of seed, data-parallel
+rank, step and micro-step), the same call the non-pipeline micro-step makes, so PP = 2 equals one process. Both stages
 that read data derive the same numbers from the same loader position; middle stages never read.
 
 The loss is computed on the last stage (trainer/parallelize.py's PipelineLoss) and broadcast over the
@@ -12,25 +12,16 @@ cross-rank mean (and metrics.jsonl on rank 0) is the last stage's number.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 
 from trainer.parallelize import model_input
-from trainer.seeding import step_generator
 
 
 def micro_batches(trainer, it, gas: int):
     for micro in range(gas):
-        t0 = time.perf_counter()
-        x, y = next(it)
-        trainer.data_time += time.perf_counter() - t0
-        n = x.shape[0]
-        g = step_generator(trainer.cfg.run.seed, trainer.dp_rank, trainer.state.step, micro)
-        t = trainer.objective.sample_timesteps(n, generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        drop = (torch.rand(n, generator=g) < trainer.arch["class_dropout_prob"]).long()
+        x, y = trainer.next_batch(it)
+        t, noise, drop = trainer.step_randomness(x.shape, micro)
         x_t = model_input(trainer.objective, x, t, noise)
         yield (x_t, t, y, drop), (x, noise, t)
 
