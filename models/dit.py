@@ -86,7 +86,57 @@ class DiTBlock(nn.Module):
         return x  # (N, T, D)
 
 
-class DiT(nn.Module):
+def unpatchify(x: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
+    """(N, T, p*p*C) tokens of a (gh, gw) grid -> (N, C, gh*p, gw*p) image latents."""
+    p, c = patch_size, channels
+    gh, gw = grid
+    x = x.reshape(x.shape[0], gh, gw, p, p, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, gh * p, gw * p)
+
+
+class TokenGridMixin:
+    """The token grid and its fixed position table: shared by the DiT and the pipeline's embedding stage.
+
+    Needs ``pos_embed`` (the (1, T, D) non-trainable parameter), ``hidden_size``, ``patch_size``, ``grid_size``,
+    ``base_grid_size``, ``pe_interpolate``, ``pe_interpolation`` and a ``_pos_embed_cache`` dict.
+    """
+
+    def _table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, T, D) float32 CPU sin-cos table for a grid under the current coordinate mode."""
+        base = self.base_grid_size if self.pe_interpolate else None
+        return sincos_2d(self.hidden_size, grid[0], grid[1], base, self.pe_interpolation).unsqueeze(0)
+
+    def _fill_pos_embed(self) -> None:
+        table = self._table(self.grid_size)
+        if self.pos_embed.shape != table.shape:
+            self.pos_embed.data = torch.empty(table.shape, dtype=self.pos_embed.dtype, device=self.pos_embed.device)
+        self.pos_embed.data.copy_(table)
+        self._pos_embed_cache.clear()
+
+    def set_input_size(self, input_size: int | tuple[int, int], interpolate: bool = False) -> None:
+        """Switch the token grid (progressive resolution); recomputes the pos_embed parameter in place.
+
+        interpolate=False keeps the official table (coordinates = token indices); interpolate=True scales the
+        coordinates to the construction-time grid (PixArt pe_interpolation), so all resolutions share a range.
+        """
+        hw = _as_grid(input_size, "input_size")
+        if hw[0] % self.patch_size or hw[1] % self.patch_size:
+            raise ValueError(f"input_size {input_size!r} is not divisible by patch_size {self.patch_size}")
+        self.grid_size = (hw[0] // self.patch_size, hw[1] // self.patch_size)
+        self.pe_interpolate = bool(interpolate)
+        self._fill_pos_embed()
+
+    def pos_embed_for(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """(1, T, D) table for a grid: the parameter for the current grid, else a cached recomputed table."""
+        if grid == self.grid_size:
+            return self.pos_embed
+        key = (grid, self.pe_interpolate, str(device))
+        if key not in self._pos_embed_cache:
+            self._pos_embed_cache[key] = self._table(grid).to(device)
+        return self._pos_embed_cache[key]
+
+
+class DiT(TokenGridMixin, nn.Module):
     """Diffusion transformer over (N, C, H, W) latents; returns (N, C_out, H, W), C_out = 2C with learn_sigma."""
 
     def __init__(
@@ -189,41 +239,6 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
-    # ------------------------------------------------------------------ resolution
-    def _table(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(1, T, D) float32 CPU sin-cos table for a grid under the current coordinate mode."""
-        base = self.base_grid_size if self.pe_interpolate else None
-        return sincos_2d(self.hidden_size, grid[0], grid[1], base, self.pe_interpolation).unsqueeze(0)
-
-    def _fill_pos_embed(self) -> None:
-        table = self._table(self.grid_size)
-        if self.pos_embed.shape != table.shape:
-            self.pos_embed.data = torch.empty(table.shape, dtype=self.pos_embed.dtype, device=self.pos_embed.device)
-        self.pos_embed.data.copy_(table)
-        self._pos_embed_cache.clear()
-
-    def set_input_size(self, input_size: int | tuple[int, int], interpolate: bool = False) -> None:
-        """Switch the token grid (progressive resolution); recomputes the pos_embed parameter in place.
-
-        interpolate=False keeps the official table (coordinates = token indices); interpolate=True scales the
-        coordinates to the construction-time grid (PixArt pe_interpolation), so all resolutions share a range.
-        """
-        hw = _as_grid(input_size, "input_size")
-        if hw[0] % self.patch_size or hw[1] % self.patch_size:
-            raise ValueError(f"input_size {input_size!r} is not divisible by patch_size {self.patch_size}")
-        self.grid_size = (hw[0] // self.patch_size, hw[1] // self.patch_size)
-        self.pe_interpolate = bool(interpolate)
-        self._fill_pos_embed()
-
-    def pos_embed_for(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """(1, T, D) table for a grid: the parameter for the current grid, else a cached recomputed table."""
-        if grid == self.grid_size:
-            return self.pos_embed
-        key = (grid, self.pe_interpolate, str(device))
-        if key not in self._pos_embed_cache:
-            self._pos_embed_cache[key] = self._table(grid).to(device)
-        return self._pos_embed_cache[key]
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """A checkpoint from another resolution carries a pos_embed of another length: use ours instead."""
         key = prefix + "pos_embed"
@@ -239,10 +254,7 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ forward
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.out_channels
-        gh, gw = grid
-        x = x.reshape(x.shape[0], gh, gw, p, p, c)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, gh * p, gw * p)
+        return unpatchify(x, grid, self.patch_size, self.out_channels)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None

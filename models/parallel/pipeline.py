@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.pos_embed import sincos_2d
+from models.dit import TokenGridMixin, unpatchify
 
 
 class DiTSource:
@@ -32,7 +32,9 @@ class DiTSource:
         self.model = None
 
 
-class EmbedLayer(nn.Module):
+class EmbedLayer(TokenGridMixin, nn.Module):
+    """Patch, timestep and label embedders; the token grid and position table work as in the DiT."""
+
     def __init__(self, source: DiTSource):
         super().__init__()
         dit = source.model
@@ -41,35 +43,12 @@ class EmbedLayer(nn.Module):
         self.patch_size, self.hidden_size = dit.patch_size, dit.hidden_size
         self.grid_size, self.base_grid_size = dit.grid_size, dit.base_grid_size
         self.pe_interpolate, self.pe_interpolation = dit.pe_interpolate, dit.pe_interpolation
-        self._tables: dict = {}
-
-    def _table(self, grid) -> torch.Tensor:
-        base = self.base_grid_size if self.pe_interpolate else None
-        return sincos_2d(self.hidden_size, grid[0], grid[1], base, self.pe_interpolation).unsqueeze(0)
-
-    def set_input_size(self, input_size, interpolate: bool = False) -> None:
-        """Same contract as DiT.set_input_size: recompute the pos_embed parameter for a new token grid."""
-        hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        self.grid_size = (hw[0] // self.patch_size, hw[1] // self.patch_size)
-        self.pe_interpolate = bool(interpolate)
-        table = self._table(self.grid_size)
-        if self.pos_embed.shape != table.shape:
-            self.pos_embed.data = torch.empty(table.shape, dtype=self.pos_embed.dtype, device=self.pos_embed.device)
-        self.pos_embed.data.copy_(table)
-        self._tables.clear()
-
-    def _pos(self, grid, device) -> torch.Tensor:
-        if tuple(grid) == tuple(self.grid_size):
-            return self.pos_embed
-        key = (tuple(grid), self.pe_interpolate, str(device))
-        if key not in self._tables:
-            self._tables[key] = self._table(grid).to(device)
-        return self._tables[key]
+        self._pos_embed_cache: dict = {}
 
     def forward(self, inputs):
         x, t, y, drop = inputs
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        tokens = self.x_embedder(x) + self._pos(grid, x.device)
+        tokens = self.x_embedder(x) + self.pos_embed_for(grid, x.device)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, drop)
         return tokens, c, torch.tensor(grid, dtype=torch.long, device=x.device)
 
@@ -99,10 +78,7 @@ class FinalLayer(nn.Module):
     def forward(self, inputs):
         x, c, grid = inputs
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
-        gh, gw = int(grid[0]), int(grid[1])
-        p, ch = self.patch_size, self.out_channels
-        x = x.reshape(x.shape[0], gh, gw, p, p, ch).permute(0, 5, 1, 3, 2, 4)
-        x = x.reshape(x.shape[0], ch, gh * p, gw * p)
+        x = unpatchify(x, (int(grid[0]), int(grid[1])), self.patch_size, self.out_channels)  # (N, C_out, H, W)
         return x.float() if torch.is_autocast_enabled(x.device.type) else x
 
 
