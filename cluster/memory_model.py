@@ -171,19 +171,15 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
         transient = bucket * (2 if z["overlap_comm"] else 1)
         if stage == 0:
             transient = 0.0
-    optim_master = 4 * (psi_r if stage == 0 else part)
-    optim_adam = 8 * (psi_r if stage == 0 else part)
-    if w == 4 and (stage == 0 or (stage in (1, 2) and not z["offload_optimizer"])
-                   or (stage == 3 and not z["offload_optimizer"] and not z["offload_param"])):
-        # no ZeRO: torch AdamW steps the module's fp32 weights themselves; ZeRO-1/2/3: the master partition
-        # aliases the rank's fp32 weight partition (trainer/zero_master.py)
-        optim_master = 0.0
-    optim = optim_master + optim_adam
+    # no ZeRO: torch AdamW steps the module's fp32 weights themselves; ZeRO-1/2/3 without offload: the master
+    # partition aliases the rank's fp32 weight partition (trainer/zero_master.py)
+    master_is_weights = w == 4 and (stage == 0 or not (z["offload_optimizer"] or (stage == 3 and z["offload_param"])))
+    optim_master = 0.0 if master_is_weights else 4 * (psi_r if stage == 0 else part)
+    optim = optim_master + 8 * (psi_r if stage == 0 else part)  # + Adam m, v
     host = 0.0
     if z["offload_optimizer"] and stage in (1, 2, 3):
         host += optim + grads + w * part  # master, moments, fp32 grad partition, staging copy
-        optim, grads_dev = 0.0, 0.0
-        grads = grads_dev
+        optim = grads = 0.0
     if z["offload_param"] and stage == 3:
         host += w * parts
         params = w * (persistent + frozen_r / dp)
