@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import create_model  # noqa: E402
+from models import DiTArgs  # noqa: E402
 
 VARIANTS = {"off": 0, "every block": 1, "every 2nd block": 2}
 
@@ -52,7 +52,7 @@ def make_step(model: torch.nn.Module, batch: int, input_size: int):
 
 def build(input_size: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = create_model("DiT-S/2", input_size=input_size)
+    model = DiTArgs.from_preset("DiT-S/2", input_size=input_size).build()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name != "pos_embed":

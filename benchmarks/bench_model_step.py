@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import create_model  # noqa: E402
+from models import DiTArgs  # noqa: E402
 from models.convert import align_diffusers_timestep_embedding, diffusers_config, official_to_diffusers  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device = torch.device("
 
 def build_pair(name: str, input_size: int):
     torch.manual_seed(0)
-    ours = create_model(name, input_size=input_size)
+    ours = DiTArgs.from_preset(name, input_size=input_size).build()
     with torch.no_grad():  # nonzero adaLN/head so both models compute a real function
         for key, p in ours.named_parameters():
             if key != "pos_embed":
@@ -131,7 +131,7 @@ def main() -> None:
 
     ours, theirs = (m.to(device) for m in build_pair(args.model, args.input_size))
     models = {"ours": (ours, False), "diffusers": (theirs, True)}
-    if args.compile:  # separate copies with the same weights; per-block compile for both (trainer/compile.py)
+    if args.compile:  # separate copies with the same weights; per-block compile for both (trainer/engine/compile.py)
         ours_c, theirs_c = (m.to(device) for m in build_pair(args.model, args.input_size))
         for block in list(ours_c.blocks) + list(theirs_c.transformer_blocks):
             block.compile()

@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "moe.json"))
     args = ap.parse_args(argv)
 
-    from models.dit import DiT, preset_kwargs
-    from trainer.loop import param_groups
+    from models.args import preset_kwargs
+    from models.dit import DiT
+    from trainer.loop.trainer import param_groups
 
     base = dict(preset_kwargs(args.model), input_size=args.input_size, in_channels=4, num_classes=1000)
     moe = {"num_experts": args.experts, "top_k": args.top_k, "capacity_factor": args.capacity_factor}

@@ -4,9 +4,9 @@
                                                           # benchmarks/results/parallel_memory.json
 
 Each layout runs as a real ``deepspeed --num_gpus N`` job of this script (``--worker``): the full model is
-built with the seed on every rank, trainer/parallelize.py's ``build_engine`` applies the layout (ZeRO-1,
+built with the seed on every rank, trainer/engine/parallelize.py's ``build_engine`` applies the layout (ZeRO-1,
 AdamW), one optimizer step runs on a synthetic batch (so Adam's moments exist), and each rank counts
-the bytes it holds (trainer/parallelize.py ``state_bytes``: module parameters + unaliased fp32 master partitions
+the bytes it holds (benchmarks/engine_memory.py ``state_bytes``: module parameters + unaliased fp32 master partitions
 + optimizer moments). The largest rank is compared with the single process; for MoE the expert
 parameters per rank are compared between EP=1 and EP=2 on 2 ranks.
 """
@@ -35,25 +35,27 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.config import load_config
-    from trainer.distributed import init_distributed
-    from trainer.loop import param_groups
-    from trainer.model_factory import architecture, build_model, build_objective_from_config
-    from trainer.parallelize import build_engine, model_input, state_bytes
-    from trainer.seeding import seed_everything
-    from trainer.topology import Topology
+    from trainer.config.schema import load_config
+    from trainer.engine.distributed import init_distributed
+    from trainer.loop.trainer import param_groups
+    from trainer.config.model import architecture
+    from trainer.engine.objective import build_objective_from_config
+    from engine_memory import state_bytes
+    from trainer.engine.parallelize import build_engine
+    from trainer.loop.seeding import seed_everything
+    from trainer.config.topology import Topology
 
     n, name, tp, pp, ep, experts = LAYOUTS[args.layout]
     device = init_distributed()
     over = [f"model.name={name}", f"model.moe.num_experts={experts}", "model.moe.every=2"]
     cfg = load_config(None, over)
     arch = architecture(cfg, in_channels=4, input_size=32, num_classes=1000)
-    topo = Topology(dist.get_world_size(), tp, pp, ep).validate(zero_stage=1, num_heads=arch["num_heads"],
-                                                              hidden_size=arch["hidden_size"], depth=arch["depth"],
+    topo = Topology(dist.get_world_size(), tp, pp, ep).validate(zero_stage=1, num_heads=arch.num_heads,
+                                                              hidden_size=arch.hidden_size, depth=arch.depth,
                                                               num_experts=experts)
     seed_everything(0)
-    model = build_model(arch)
-    objective = build_objective_from_config(cfg, arch["learn_sigma"])
+    model = arch.build()
+    objective = build_objective_from_config(cfg, arch.learn_sigma)
     ds = {"train_batch_size": topo.data, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9,
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
@@ -68,7 +70,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     if par.pipeline:
         drop = torch.zeros(1, dtype=torch.long)
-        par.engine.train_batch(iter([((model_input(objective, x, t, noise), t, y, drop), (x, noise, t))]))
+        par.engine.train_batch(iter([((*objective.model_inputs(x, t, noise), y, drop), (x, noise, t))]))
     else:
         out = objective.training_losses(par.engine, x, t, model_kwargs={"y": y}, noise=noise)
         loss = out["loss"].mean()
@@ -91,7 +93,7 @@ def worker(args) -> None:
 
 
 def launch(layout: str, out: str) -> dict:
-    from trainer.distributed import free_port
+    from trainer.engine.distributed import free_port
 
     n = LAYOUTS[layout][0]
     cmd = ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), os.path.abspath(__file__),

@@ -5,18 +5,18 @@
                                     [--out benchmarks/results/zero_overhead.json]
 
 Every variant trains the same DiT (fp32, seed 0) on the same fixed batch with the trainer's parameter groups
-and AdamW settings (trainer/loop.py ``param_groups``/``optimizer_config``) and gradient clipping at 1.0:
+and AdamW settings (trainer/engine/optimizer.py ``param_groups``/``optimizer_config``) and gradient clipping at 1.0:
 
   plain     model(x, t, y) → MSE → loss.backward() → clip_grad_norm_ → torch.optim.AdamW.step → zero_grad
   zeroN     the same through the trainer's ``initialize_engine`` (``deepspeed.initialize`` + the fp32 master
-            aliasing of trainer/zero_master.py) with configs/zeroN.json filled by fill_ds_config
+            aliasing of trainer/engine/zero_master.py) with configs/zeroN.json filled by fill_ds_config
   *_stock   the DeepSpeed defaults for that stage (no tuning), for comparison with the tuned JSONs
 
 Timing is interleaved: each round runs ``--steps`` steps of every variant in turn (after one warm-up step
 each), so load from other jobs on the machine hits all variants alike; the figure per variant is the median
 step time over rounds, and the table reports samples/s and the ratio to the plain loop in the same run, both
 as a ratio of medians and paired (per round, plain's median ÷ the variant's, then the median over rounds).
-``zeroN_noalias`` builds the engine without trainer/zero_master.py's aliasing of the fp32 master partition
+``zeroN_noalias`` builds the engine without trainer/engine/zero_master.py's aliasing of the fp32 master partition
 (DeepSpeed as shipped), for the before/after of that change.
 Forward / backward / optimizer-step times are measured separately (perf_counter around each call).
 ZeRO-3 variants run in their own invocation: a ZeRO-3 engine patches ``torch.nn.functional.linear``
@@ -52,13 +52,13 @@ STOCK = {
 
 
 def _init_single_process():
-    from trainer.distributed import free_port, init_local_gloo_rank
+    from trainer.engine.distributed import free_port, init_local_gloo_rank
 
     init_local_gloo_rank(0, 1, free_port())
 
 
 def _cfg(batch: int):
-    from trainer.config import load_config
+    from trainer.config.schema import load_config
 
     return load_config(None, ["train.precision=fp32", f"train.micro_batch={batch}", f"train.global_batch={batch}",
                               "train.grad_clip=1.0", "train.lr=1e-4", "train.weight_decay=0.0"])
@@ -73,7 +73,7 @@ def _model(kw: dict):
 
 class Plain:
     def __init__(self, kw: dict, batch: int):
-        from trainer.loop import param_groups
+        from trainer.loop.trainer import param_groups
 
         cfg = _cfg(batch)
         self.model = _model(kw)
@@ -98,9 +98,9 @@ class Engine:
     def __init__(self, kw: dict, batch: int, ds_raw: dict, alias_master: bool = True):
         import deepspeed
 
-        from trainer.ds_config import fill_ds_config
-        from trainer.loop import optimizer_config, param_groups
-        from trainer.parallelize import initialize_engine
+        from trainer.config.ds_json import fill_ds_config
+        from trainer.engine.optimizer import optimizer_config, param_groups
+        from trainer.engine.parallelize import initialize_engine
 
         cfg = _cfg(batch)
         ds = fill_ds_config(ds_raw, cfg, global_batch=batch, micro_batch=batch, data_parallel=1, on_cuda=False)
@@ -123,7 +123,7 @@ class Engine:
 
 
 def build(name: str, kw: dict, batch: int):
-    from trainer.ds_config import load_ds_config
+    from trainer.config.ds_json import load_ds_config
 
     if name == "plain":
         return Plain(kw, batch)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _init_single_process()
-    from models.dit import preset_kwargs
+    from models.args import preset_kwargs
 
     kw = dict(preset_kwargs(args.model), input_size=args.input_size, in_channels=4, num_classes=1000)
     g = torch.Generator().manual_seed(0)

@@ -5,9 +5,9 @@
 
 How the bytes a rank holds are measured (``measure_job``):
   1. Before the model is built, every live tensor storage in the process is recorded (``gc.get_objects()``).
-  2. The DiT is built, handed to ``trainer.parallelize.initialize_engine`` exactly as the trainer does
-     (``deepspeed.initialize`` + the fp32 master aliasing of trainer/zero_master.py, ``param_groups`` +
-     ``optimizer_config`` from trainer/loop.py, the JSON filled by ``trainer.ds_config.fill_ds_config``, fp32),
+  2. The DiT is built, handed to ``trainer.engine.parallelize.initialize_engine`` exactly as the trainer does
+     (``deepspeed.initialize`` + the fp32 master aliasing of trainer/engine/zero_master.py, ``param_groups`` +
+     ``optimizer_config`` from trainer/engine/optimizer.py, the JSON filled by ``trainer.config.ds_json.fill_ds_config``, fp32),
      and trained one full step, then a second forward + backward.
   3. Right after that second backward (grads and optimizer states both alive: the model-state peak) every live
      tensor storage that did not exist at (1) is summed once (de-duplicated by storage address, so views and
@@ -42,7 +42,7 @@ from results_io import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
-from trainer.distributed import free_port  # noqa: E402
+from trainer.engine.distributed import free_port  # noqa: E402
 
 
 # --------------------------------------------------------------------------- per-rank measurement
@@ -81,7 +81,7 @@ def _categorise(engine, stage: int) -> dict[int, str]:
 
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
-    # the weights first: a ZeRO-1/2 master partition aliased to them (trainer/zero_master.py) is no extra memory
+    # the weights first: a ZeRO-1/2 master partition aliased to them (trainer/engine/zero_master.py) is no extra memory
     for p in engine.module.parameters():
         if hasattr(p, "ds_tensor"):
             mark(p.ds_tensor, "params")
@@ -134,10 +134,10 @@ def _snapshot(engine, stage: int, baseline: set) -> dict:
 def measure_job(job: dict) -> dict:
     """One engine on this rank: build, train 1 step + forward/backward, snapshot; returns bytes by category."""
     from models.dit import DiT
-    from trainer.config import load_config
-    from trainer.ds_config import fill_ds_config, load_ds_config
-    from trainer.loop import optimizer_config, param_groups
-    from trainer.parallelize import initialize_engine
+    from trainer.config.schema import load_config
+    from trainer.config.ds_json import fill_ds_config, load_ds_config
+    from trainer.engine.optimizer import optimizer_config, param_groups
+    from trainer.engine.parallelize import initialize_engine
 
     world = torch.distributed.get_world_size()
     micro = job.get("micro_batch", 2)
@@ -181,7 +181,7 @@ def measure_job(job: dict) -> dict:
 
 def _worker(rank: int, world: int, port: int, jobs: list, queue) -> None:
     try:
-        from trainer.distributed import init_local_gloo_rank
+        from trainer.engine.distributed import init_local_gloo_rank
 
         torch.set_num_threads(1)
         init_local_gloo_rank(rank, world, port)
@@ -241,7 +241,7 @@ def run_jobs(world: int, jobs: list[dict], timeout: float = 600) -> list[list[di
 
 def expected(model_kwargs: dict, ds_name_or_dict, world: int) -> dict:
     from cluster.memory_model import count_params, model_state_bytes
-    from trainer.ds_config import load_ds_config
+    from trainer.config.ds_json import load_ds_config
 
     ds = ds_name_or_dict if isinstance(ds_name_or_dict, dict) else load_ds_config(ds_name_or_dict)
     counts = count_params(model_kwargs)
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "zero_memory.json"))
     args = ap.parse_args(argv)
     from cluster.memory_model import count_params
-    from models.dit import preset_kwargs
+    from models.args import preset_kwargs
 
     kw = dict(preset_kwargs(args.model), input_size=args.input_size, in_channels=4, num_classes=1000)
     counts = count_params(kw)

@@ -23,6 +23,8 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.rundir import launch_dir  # noqa: E402  (torch-free)
+
 HOST = socket.gethostname()
 
 
@@ -76,7 +78,7 @@ def check_writable(directory: str) -> Optional[str]:
 
 
 def run_node(args) -> int:
-    problem = check_gpus(args.gpus) or check_writable(os.path.join(args.run_dir, "launch"))
+    problem = check_gpus(args.gpus) or check_writable(launch_dir(args.run_dir))
     if problem:
         return fail(problem)
     print(f"[health {HOST}] ok: {args.gpus or 'no'} GPU(s) requested and visible, {args.run_dir} writable", flush=True)

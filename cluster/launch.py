@@ -22,8 +22,6 @@ Kept free of training logic: it only reads the config to learn ``run.dir`` and r
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import re
 import shlex
@@ -33,34 +31,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster.slurm_env import hostnames, parse_tasks_per_node, port_for_job  # noqa: E402
-from trainer.atomic import atomic_write_text  # noqa: E402
+from trainer.engine.launch_env import hostnames, parse_tasks_per_node, port_for_job  # noqa: E402
+from trainer.rundir import (EXIT_CONFIG_ERROR, EXIT_LAUNCH_ERROR, EXIT_PREEMPTED,  # noqa: E402,F401  (one exit-code table)
+                            atomic_write_text, launch_dir)
 
-EXIT_PREEMPTED = 75  # same value as trainer.preemption.EXIT_PREEMPTED (kept here to avoid importing torch)
-EXIT_CONFIG_ERROR = 2
-EXIT_LAUNCH_ERROR = 3
-
-# Environment captured into RUN_DIR/launch/env-*.txt: what decides how the ranks were started.
-CAPTURE_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "MASTER_", "NCCL_", "CUDA_", "NVIDIA_", "OMP_", "MKL_", "TORCH_",
-                    "DS_", "DEEPSPEED_", "PYTORCH_", "WANDB_", "FI_", "UCX_", "GLOO_")
-CAPTURE_NAMES = ("CONFIG", "DS_CONFIG", "RUN_DIR", "OVERRIDES", "LAUNCHER", "SRUN_ARGS", "HEALTH_CHECK", "REPO_DIR",
-                 "VENV", "ENV_SETUP", "CONDA_PREFIX", "VIRTUAL_ENV", "PYTHONPATH", "PATH", "LD_LIBRARY_PATH",
-                 "HOSTNAME", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MAX_RESTARTS")
-SECRET_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-
-
-def log(msg: str) -> None:
-    stamp = _dt.datetime.now().strftime("%H:%M:%S")
-    print(f"[launch {stamp}] {msg}", file=sys.stderr, flush=True)
-
-
-class LaunchError(RuntimeError):
-    """The allocation or the launch settings cannot work; the message says why."""
+from cluster.launch_record import LaunchError, append_history, capture_env, format_env, log, make_hostfile  # noqa: E402,F401
+from cluster.outcome import Outcome, TaskEnd, classify, parse_srun_line  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- allocation
@@ -140,47 +121,6 @@ def allocation_from_env(environ: Mapping[str, str], resolve_hosts=hostnames) -> 
                       tasks_per_node=ppn, gpus_per_node=gpus, cpus_per_task=_int(environ, "SLURM_CPUS_PER_TASK"))
 
 
-# --------------------------------------------------------------------------- launch record
-
-
-def is_secret(name: str) -> bool:
-    return bool(SECRET_RE.search(name))
-
-
-def capture_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The launch-relevant variables, never secrets (any name matching KEY/TOKEN/SECRET/PASSWORD)."""
-    out = {}
-    for name, value in environ.items():
-        if is_secret(name):
-            continue
-        if name in CAPTURE_NAMES or name.startswith(CAPTURE_PREFIXES):
-            out[name] = value
-    return dict(sorted(out.items()))
-
-
-def format_env(env: Mapping[str, str]) -> str:
-    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items())
-
-
-def make_hostfile(nodes: Iterable[str], slots: int) -> str:
-    """DeepSpeed hostfile: one ``host slots=N`` line per node, in Slurm's node order."""
-    lines = [f"{host} slots={slots}" for host in nodes]
-    if not lines:
-        raise LaunchError("no nodes for the hostfile")
-    if slots < 1:
-        raise LaunchError(f"slots per node must be >= 1, got {slots}")
-    return "\n".join(lines) + "\n"
-
-
-def append_history(run_dir: str, record: dict) -> None:
-    path = os.path.join(run_dir, "launch", "history.jsonl")
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as exc:
-        log(f"warning: cannot append to {path}: {exc}")
-
-
 # --------------------------------------------------------------------------- settings
 
 
@@ -223,7 +163,7 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
 
 def resolve_run(settings: Settings) -> tuple[object, str, list[str]]:
     """(resolved config, absolute run dir, overrides for the ranks); ConfigError names the bad key."""
-    from trainer.config import load_config  # YAML + schema only: no torch, no process group
+    from trainer.config.schema import load_config  # YAML + schema only: no torch, no process group
 
     overrides = list(settings.overrides)
     if settings.run_dir:
@@ -277,81 +217,6 @@ def health_check_commands(alloc: Allocation, settings: Settings, run_dir: str,
     job = [settings.python, "-m", "cluster.health_check", "job", "--world-size", str(alloc.world_size),
            "--config", settings.config, "--ds_config", settings.ds_config, "--", *overrides]
     return [("per-node checks", node, {}), ("config, shards and layout", job, {})]
-
-
-# --------------------------------------------------------------------------- outcome
-
-
-TASK_LINE = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)$")
-
-
-def _task_ids(text: str) -> list[int]:
-    out = []
-    for item in text.split(","):
-        if "-" in item:
-            lo, hi = item.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        elif item:
-            out.append(int(item))
-    return out
-
-
-@dataclass
-class TaskEnd:
-    task: int
-    node: str
-    what: str  # "Exited with exit code 3", "Killed", "Terminated", ...
-
-    @property
-    def code(self) -> Optional[int]:
-        m = re.search(r"exit code (\d+)", self.what)
-        return int(m.group(1)) if m else None
-
-
-def parse_srun_line(line: str) -> list[TaskEnd]:
-    m = TASK_LINE.search(line.strip())
-    if not m:
-        return []
-    return [TaskEnd(t, m.group("node"), m.group("what").strip()) for t in _task_ids(m.group("tasks"))]
-
-
-@dataclass
-class Outcome:
-    status: str  # finished | preempted | failed
-    exit_code: int
-    message: str
-    failed_tasks: list[TaskEnd] = field(default_factory=list)
-
-
-def classify(returncode: int, ends: list[TaskEnd], launcher: str = "srun") -> Outcome:
-    """Decide what one training step's end means, from srun's exit status and its per-task lines.
-
-    srun's ``--kill-on-bad-exit`` ends the remaining tasks as soon as one exits non-zero, which
-    includes a rank that exits 75 after the (collective, barrier-closed) preemption checkpoint; those
-    collateral ends are not failures. Any other code, or a task killed when none exited 75, is.
-    """
-    unit = "rank" if launcher == "srun" else "node launcher"
-    if returncode == 0:
-        return Outcome("finished", 0, "training finished")
-    codes = [e.code for e in ends if e.code is not None]
-    bad = [e for e in ends if e.code is not None and e.code not in (0, EXIT_PREEMPTED)]
-    preempted = EXIT_PREEMPTED in codes or (returncode == EXIT_PREEMPTED and not bad)
-    if preempted and not bad:
-        return Outcome("preempted", EXIT_PREEMPTED, "ranks checkpointed and exited 75 (preempted)")
-    if not bad:
-        bad = [e for e in ends if e.code is None]  # killed by a signal (OOM killer, segfault, ...)
-    if bad:
-        # srun reports ends in the order it saw them: the first bad one is the cause; the others
-        # usually followed from it (peers losing their connection, srun's --kill-on-bad-exit).
-        first, rest = bad[0], [e for e in ends if e is not bad[0] and e.code != 0]
-        names = f"{unit} {first.task} on {first.node}: {first.what}"
-        if rest:
-            names += "; after it: " + ", ".join(f"{unit} {e.task} ({e.what})" for e in rest)
-        code = first.code or next((e.code for e in bad if e.code), None) or (returncode if returncode > 0 else 1)
-        return Outcome("failed", code, f"training FAILED: {names}", bad)
-    code = returncode if returncode > 0 else 1
-    how = f"signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
-    return Outcome("failed", code, f"training FAILED: srun ended with {how} (no per-task report)")
 
 
 # --------------------------------------------------------------------------- running
@@ -441,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_LAUNCH_ERROR
     try:
-        from trainer.config import ConfigError
+        from trainer.config.schema import ConfigError
     except ImportError as exc:
         print(f"error: cannot import the trainer from {os.getcwd()} ({exc}); run from the repository "
               f"(REPO_DIR) with its environment active (VENV / ENV_SETUP)", file=sys.stderr, flush=True)
@@ -463,11 +328,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr, flush=True)
         return EXIT_LAUNCH_ERROR
 
-    launch_dir = os.path.join(run_dir, "launch")
+    launch_folder = launch_dir(run_dir)
     try:
-        os.makedirs(launch_dir, exist_ok=True)
+        os.makedirs(launch_folder, exist_ok=True)
     except OSError as exc:
-        print(f"error: cannot create run dir {launch_dir}: {exc}", file=sys.stderr, flush=True)
+        print(f"error: cannot create run dir {launch_folder}: {exc}", file=sys.stderr, flush=True)
         return EXIT_LAUNCH_ERROR
 
     env = dict(environ)
@@ -481,15 +346,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hostfile = None
     if settings.launcher == "deepspeed":
-        hostfile = os.path.join(launch_dir, f"hostfile-{alloc.tag}")
+        hostfile = os.path.join(launch_folder, f"hostfile-{alloc.tag}")
         atomic_write_text(hostfile, make_hostfile(alloc.nodes, alloc.tasks_per_node))
     train_cmd = build_train_command(alloc, settings, overrides, hostfile)
-    from trainer.config import save_config
+    from trainer.config.schema import save_config
 
-    save_config(cfg, os.path.join(launch_dir, f"config-{alloc.tag}.yaml"))
-    atomic_write_text(os.path.join(launch_dir, f"env-{alloc.tag}.txt"), format_env(capture_env(env)))
-    atomic_write_text(os.path.join(launch_dir, f"command-{alloc.tag}.sh"), shlex.join(train_cmd) + "\n")
-    log(f"launch record in {launch_dir} (config-{alloc.tag}.yaml, env-{alloc.tag}.txt, command-{alloc.tag}.sh)")
+    save_config(cfg, os.path.join(launch_folder, f"config-{alloc.tag}.yaml"))
+    atomic_write_text(os.path.join(launch_folder, f"env-{alloc.tag}.txt"), format_env(capture_env(env)))
+    atomic_write_text(os.path.join(launch_folder, f"command-{alloc.tag}.sh"), shlex.join(train_cmd) + "\n")
+    log(f"launch record in {launch_folder} (config-{alloc.tag}.yaml, env-{alloc.tag}.txt, command-{alloc.tag}.sh)")
     if args.dry_run:
         for name, cmd, _ in health_check_commands(alloc, settings, run_dir, overrides):
             print(f"# health check: {name}\n{shlex.join(cmd)}")

@@ -12,7 +12,7 @@ Model states (bytes per rank), with Ψ trainable parameters, N ranks in the ZeRO
                                          when each step is one micro-batch; with accumulation stage 1 keeps
                                          full gradients, w·Ψ, until the boundary)
                   optim   8Ψ/N          (Adam m, v; DeepSpeed's fp32 master partition would be a *clone* even
-                                         of fp32 weights, 4Ψ/N more: trainer/zero_master.py aliases it to
+                                         of fp32 weights, 4Ψ/N more: trainer/engine/zero_master.py aliases it to
                                          the weights when w = 4 and the optimizer is not offloaded)
                   buffers reduce bucket(s) only while backward runs (reduce_bucket_size, ×2 with overlap_comm)
     stage 3       params  w·Σ⌈n_i/N⌉ + w·Σ_{n_i ≤ persistence threshold} n_i  (partitions + persistent params)
@@ -56,7 +56,7 @@ GiB = 2 ** 30
 def dit_kwargs(model: str, resolution: int, *, in_channels: int = 4, num_classes: int = 1000, vae_downsample: int = 8,
                moe_experts: int = 0, moe_top_k: int = 1, moe_every: int = 1) -> dict:
     """DiT constructor kwargs of a named preset ("DiT-XL/2") at an image resolution."""
-    from models.dit import preset_kwargs
+    from models.args import preset_kwargs
 
     preset = preset_kwargs(model)  # ValueError "unknown model name ..." for anything else
     patch = preset["patch_size"]
@@ -172,7 +172,7 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
         if stage == 0:
             transient = 0.0
     # no ZeRO: torch AdamW steps the module's fp32 weights themselves; ZeRO-1/2/3 without offload: the master
-    # partition aliases the rank's fp32 weight partition (trainer/zero_master.py)
+    # partition aliases the rank's fp32 weight partition (trainer/engine/zero_master.py)
     master_is_weights = w == 4 and (stage == 0 or not (z["offload_optimizer"] or (stage == 3 and z["offload_param"])))
     optim_master = 0.0 if master_is_weights else 4 * (psi_r if stage == 0 else part)
     optim = optim_master + 8 * (psi_r if stage == 0 else part)  # + Adam m, v

@@ -1,5 +1,6 @@
 """DiT models, MoE feed-forward, Gaussian diffusion and rectified-flow objectives (plain PyTorch)."""
-from .dit import DiT, DiTBlock, DiT_models, build_dit, create_model
+from .args import DiTArgs, preset_kwargs
+from .dit import DiT, DiTBlock, DiT_models
 from .diffusion import create_diffusion
 from .flow import RectifiedFlow
 from .moe import MoEConfig, MoEFeedForward
@@ -7,10 +8,10 @@ from .objectives import build_objective
 
 __all__ = [
     "DiT",
+    "DiTArgs",
     "DiTBlock",
     "DiT_models",
-    "build_dit",
-    "create_model",
+    "preset_kwargs",
     "create_diffusion",
     "RectifiedFlow",
     "MoEConfig",

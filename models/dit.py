@@ -8,12 +8,14 @@ The model is plain PyTorch; tensor/pipeline parallelism is applied from outside.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .args import PRESET_NAMES, DiTArgs, preset_kwargs
 from .flops import dit_forward_flops
 from .layers import (
     Attention,
@@ -339,46 +341,17 @@ class DiT(TokenGridMixin, nn.Module):
         return 3 * forward if train else forward
 
 
-MODEL_SIZES = {  # name -> (depth, hidden_size, num_heads)
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-
-
-def _model_factory(size: str, patch_size: int):
-    depth, hidden_size, num_heads = MODEL_SIZES[size]
+def _preset_builder(name: str):
+    """The official repo's ``DiT_models[name](**kwargs)`` factory, through ``DiTArgs`` (the one way to build)."""
+    fields = {f.name for f in dataclasses.fields(DiTArgs)}
 
     def build(**kwargs: Any) -> DiT:
-        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+        args = DiTArgs.from_preset(name, **{k: v for k, v in kwargs.items() if k in fields})
+        return args.build(**{k: v for k, v in kwargs.items() if k not in fields})
 
-    build.__name__ = f"DiT_{size}_{patch_size}"
-    build.__doc__ = f"DiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads."
+    build.__name__ = "DiT_" + name.removeprefix("DiT-").replace("/", "_")
+    build.__doc__ = f"{name}: {preset_kwargs(name)}"
     return build
 
 
-DiT_models = {
-    f"DiT-{size}/{patch}": _model_factory(size, patch) for size in MODEL_SIZES for patch in (2, 4, 8)
-}
-
-
-def preset_kwargs(name: str) -> dict:
-    """Architecture of a named preset ("DiT-XL/2"): depth, hidden_size, num_heads, patch_size (ValueError if unknown).
-
-    The one table of presets: create_model, the trainer's config (model.name), the planner and the benchmarks
-    all read it here.
-    """
-    if name not in DiT_models:
-        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(DiT_models)}")
-    size, patch = name.removeprefix("DiT-").split("/")
-    depth, hidden_size, num_heads = MODEL_SIZES[size]
-    return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch))
-
-
-def create_model(name: str, **overrides: Any) -> DiT:
-    """Build a named DiT (e.g. "DiT-XL/2") with constructor overrides (input_size, moe, grad_checkpoint, ...)."""
-    return DiT(**preset_kwargs(name), **overrides)
-
-
-build_dit = create_model
+DiT_models = {name: _preset_builder(name) for name in PRESET_NAMES}

@@ -49,6 +49,11 @@ class RectifiedFlow:
         t = t.to(x_start.dtype).view(-1, *([1] * (x_start.ndim - 1)))
         return (1.0 - t) * x_start + t * noise
 
+    def model_inputs(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, model timestep): what ``training_losses`` feeds the network (the interpolant, t * timestep_scale),
+        for callers that run the network themselves (the pipeline's first stage)."""
+        return self.interpolate(x_start, noise, t), t * self.timestep_scale
+
     def velocity(self, model_fn: Callable, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor:
         """Model velocity at (x, t): the model sees t * timestep_scale; extra (sigma) channels are dropped."""
         out = model_fn(x, t * self.timestep_scale, **(model_kwargs or {}))

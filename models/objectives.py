@@ -1,7 +1,7 @@
 """One interface for the trainer over the two training objectives (Gaussian diffusion, rectified flow).
 
-Both expose sample_timesteps(n, generator, device), training_losses(model, x_start, t, model_kwargs, noise)
-and sample(model_fn, shape, noise, steps, method, model_kwargs, progress).
+Both expose sample_timesteps(n, generator, device), training_losses(model, x_start, t, model_kwargs, noise),
+model_inputs(x_start, t, noise) -> (x_t, model timestep) and sample(model_fn, shape, noise, steps, method, model_kwargs, progress).
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ class DiffusionObjective:
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None) -> dict[str, torch.Tensor]:
         return self.diffusion.training_losses(model, x_start, t, model_kwargs=model_kwargs, noise=noise)
+
+    def model_inputs(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, model timestep): what ``training_losses`` feeds the network, for callers that run the network
+        themselves (the pipeline's first stage). x_t = q_sample(x_0, t, noise); the model sees the integer t."""
+        return self.diffusion.q_sample(x_start, t, noise=noise), t
 
     def sampling_diffusion(self, steps: int):
         """The diffusion respaced to `steps` evenly spread steps (DiT's sample.py: create_diffusion(str(steps)))."""

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import time
 
-from trainer.distributed import free_port
-from trainer.metrics import read_metrics  # noqa: F401  (re-exported for the tests)
+from trainer.engine.distributed import free_port
+from trainer.rundir import read_metrics  # noqa: F401  (re-exported for the tests)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def start_training(nprocs: int, overrides: list[str], *, extra_env: dict | None 
 
 def start_and_kill_after_checkpoint(nprocs: int, overrides: list[str], run_dir: str, step: int, **kw) -> str:
     """Start a run that pauses right after publishing its step-``step`` checkpoint, SIGKILL every process
-    of it there (launcher and ranks), and return its output. The pause (trainer/alerts.py's test hook)
+    of it there (launcher and ranks), and return its output. The pause (trainer/monitor/faults.py's test hook)
     makes the kill land at that point however fast the run is."""
     proc = start_training(nprocs, overrides, extra_env={"DIT_FAULT_PAUSE_AFTER_CHECKPOINT": f"{step}:120"}, **kw)
     latest = os.path.join(run_dir, "checkpoints", "latest")

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hosts(nodelist):
-    from cluster.slurm_env import expand_hostlist
+    from trainer.engine.launch_env import expand_hostlist
 
     return expand_hostlist(nodelist)
 

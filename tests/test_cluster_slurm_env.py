@@ -1,10 +1,10 @@
-"""Unit tests for cluster/slurm_env.py: Slurm node lists, tasks per node, torch.distributed mapping."""
+"""Unit tests for trainer/engine/launch_env.py: Slurm node lists, tasks per node, torch.distributed mapping."""
 from __future__ import annotations
 
 import pytest
 
 from cluster import slurm_env
-from cluster.slurm_env import (expand_hostlist, first_host, parse_tasks_per_node, port_for_job,
+from trainer.engine.launch_env import (expand_hostlist, first_host, parse_tasks_per_node, port_for_job,
                                torch_env_from_slurm)
 
 

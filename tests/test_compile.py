@@ -27,17 +27,17 @@ def test_compiled_progressive_run_matches_eager(demo_root, tmp_path):
 
 
 def test_compiling_blocks_keeps_state_dict_keys():
-    from models import create_model
-    from trainer.compile import compile_blocks
+    from models import DiTArgs
+    from trainer.engine.compile import compile_blocks
 
-    model = create_model("DiT-S/2", input_size=8)
+    model = DiTArgs.from_preset("DiT-S/2", input_size=8).build()
     keys = list(model.state_dict())
     assert compile_blocks(model) == len(model.blocks)
     assert list(model.state_dict()) == keys  # checkpoints, EMA and export see the official names
 
 
 def test_layouts_that_rewrite_blocks_are_named():
-    from trainer.compile import compile_conflicts
+    from trainer.config.validate import compile_conflicts
 
     assert compile_conflicts(zero_stage=2, tensor=1, pipeline=1, num_experts=0) == []
     reasons = compile_conflicts(zero_stage=3, tensor=2, pipeline=2, num_experts=4)

@@ -13,8 +13,9 @@ import torch
 pytest.importorskip("diffusers")
 
 from models.convert import align_diffusers_timestep_embedding  # noqa: E402
-from trainer.export import export_diffusers, load_ema_model, main as export_main  # noqa: E402
-from trainer.model_factory import build_model  # noqa: E402
+from trainer.state.consolidate import load_ema_model  # noqa: E402
+from trainer.tools.export import export_diffusers, main as export_main  # noqa: E402
+from models.args import DiTArgs  # noqa: E402
 
 ARCH = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2, "num_heads": 4,
         "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": 8, "learn_sigma": True, "qk_norm": None,
@@ -27,7 +28,7 @@ def run_with_checkpoint(tmp_path_factory):
     ck = run / "checkpoints" / "step00000007"
     ck.mkdir(parents=True)
     torch.manual_seed(0)
-    model = build_model(ARCH)
+    model = DiTArgs.from_dict(ARCH).build()
     tensors = {n: (torch.randn_like(p) * 0.1) for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"tensors": tensors}, ck / "ema.pt")
     (ck / "trainer_state.json").write_text(json.dumps({"step": 7, "model_config": ARCH}))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from models import DiT, DiT_models, create_model
+from models import DiT, DiT_models, DiTArgs
 from models.layers import timestep_embedding
 
 
@@ -97,7 +97,7 @@ def official_xl2_shapes(depth=28, d=1152, classes=1000, p=2, c=4, tokens=256):
 
 def test_dit_xl2_state_dict_is_the_official_layout():
     with torch.device("meta"):
-        model = create_model("DiT-XL/2", input_size=32)
+        model = DiTArgs.from_preset("DiT-XL/2", input_size=32).build()
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == official_xl2_shapes()
     assert sum(p.numel() for p in model.parameters()) == 675_129_632
@@ -110,15 +110,15 @@ def test_dit_xl2_state_dict_is_the_official_layout():
 ])
 def test_model_zoo_sizes(name, depth, hidden, heads, patch):
     with torch.device("meta"):
-        model = create_model(name)
+        model = DiTArgs.from_preset(name).build()
     assert (len(model.blocks), model.hidden_size, model.num_heads, model.patch_size) == (depth, hidden, heads, patch)
     assert len(DiT_models) == 12
 
 
 def test_flops_match_the_paper():
     with torch.device("meta"):
-        small = create_model("DiT-S/2", input_size=32)
-        xl = create_model("DiT-XL/2", input_size=32)
+        small = DiTArgs.from_preset("DiT-S/2", input_size=32).build()
+        xl = DiTArgs.from_preset("DiT-XL/2", input_size=32).build()
     # paper: 6.06 and 118.6 GMACs at 256 px; 2 FLOPs per multiply-add
     assert small.flops_per_sample(train=False) / 1e9 == pytest.approx(12.12, rel=0.01)
     assert xl.flops_per_sample(train=False) / 1e9 == pytest.approx(237.2, rel=0.01)
@@ -225,7 +225,7 @@ def test_constructor_rejects_bad_arguments(kwargs, needle):
 
 def test_unknown_model_name_lists_known_names():
     with pytest.raises(ValueError, match="DiT-XXL/2.*DiT-S/2"):
-        create_model("DiT-XXL/2")
+        DiTArgs.from_preset("DiT-XXL/2").build()
 
 
 def test_bad_runtime_arguments():

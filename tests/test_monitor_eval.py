@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor
+from trainer.tools.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,9 +86,9 @@ def test_feature_extractor_loads_torchscript_from_a_local_path(standin_path):
 @pytest.fixture(scope="module")
 def eval_run(demo_root, tmp_path_factory):
     """A run dir with the tiny config on the demo shards and a hand-made checkpoint of random EMA weights."""
-    from trainer.config import load_config, save_config
-    from trainer.data import open_shard_set
-    from trainer.model_factory import architecture, build_model
+    from trainer.config.schema import load_config, save_config
+    from trainer.config.shards import open_shard_set
+    from trainer.config.model import architecture
 
     run = tmp_path_factory.mktemp("eval_run")
     cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), [f"data.root={demo_root}", f"run.dir={run}"])
@@ -97,7 +97,7 @@ def eval_run(demo_root, tmp_path_factory):
     arch = architecture(cfg, in_channels=shards.latent_shape[0], input_size=shards.latent_shape[1],
                         num_classes=shards.num_classes)
     torch.manual_seed(0)
-    model = build_model(arch)
+    model = arch.build()
     tensors = {n: torch.randn_like(p) * 0.05 for n, p in model.named_parameters() if p.requires_grad}
     ck = run / "checkpoints" / "step00000004"
     ck.mkdir(parents=True)
@@ -115,7 +115,7 @@ def _evaluate(args, nprocs=1):
     if nprocs == 1:
         cmd = [sys.executable, "-m", "trainer.evaluate", *args]
     else:
-        from trainer.distributed import free_port
+        from trainer.engine.distributed import free_port
 
         port = free_port()
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs), "--master_port",
@@ -126,7 +126,7 @@ def _evaluate(args, nprocs=1):
 
 
 def test_two_ranks_write_the_same_adm_sample_batch_as_one_and_fid_is_recorded(eval_run, standin_path, tmp_path):
-    from trainer.fid import FeatureExtractor
+    from trainer.tools.fid import FeatureExtractor
 
     run, classes = eval_run
     common = ["--per-class", "3", "--steps", "3", "--cfg-scale", "2.0", "--method", "ddim", "--batch-size", "4"]
@@ -153,6 +153,6 @@ def test_two_ranks_write_the_same_adm_sample_batch_as_one_and_fid_is_recorded(ev
     expected = frechet_distance(*gaussian_statistics(fa), *gaussian_statistics(fr))
     assert records[0]["fid"] == pytest.approx(expected, rel=1e-6) and records[0]["fid"] > 0
     assert records[0]["inception_score"] >= 1.0
-    from trainer.status import run_status
+    from trainer.tools.status import run_status
 
     assert run_status(run, query_slurm=False)["fid"]["fid"] == pytest.approx(expected, rel=1e-6)

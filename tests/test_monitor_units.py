@@ -8,10 +8,13 @@ import os
 import pytest
 import torch
 
-from trainer import telemetry
-from trainer.alerts import (LossSpikeDetector, NanGuard, Watchdog, basic_optimizer, fault_nan_steps,
-                            optimizer_update_skipped)
-from trainer.metrics import JsonlSink, Metrics, read_jsonl
+from trainer.monitor import telemetry
+from trainer.monitor.faults import fault_nan_steps
+from trainer.monitor.nan_guard import NanGuard, basic_optimizer, optimizer_update_skipped
+from trainer.monitor.spikes import LossSpikeDetector
+from trainer.monitor.watchdog import Watchdog
+from trainer.monitor.metrics import JsonlSink, Metrics
+from trainer.rundir import read_jsonl
 
 
 def test_mfu_formula_by_hand():
@@ -116,7 +119,7 @@ def test_skipped_optimizer_update_leaves_weights_and_adam_state_untouched():
 
 
 def test_stall_is_flagged_alerted_once_and_cleared(tmp_path, capsys):
-    from trainer.status import run_status
+    from trainer.tools.status import run_status
 
     run = str(tmp_path)
     metrics = Metrics([JsonlSink(run)])
@@ -157,7 +160,7 @@ def test_watchdog_thread_writes_heartbeats(tmp_path):
 
 
 def test_scrub_removes_credentials_at_any_depth():
-    from trainer.wandb_sink import scrub
+    from trainer.monitor.wandb_sink import scrub
 
     cfg = {"log": {"wandb": {"project": "p", "api_key": "x"}}, "hf_token": "y", "list": [{"password": 1, "ok": 2}]}
     assert scrub(cfg) == {"log": {"wandb": {"project": "p"}}, "list": [{"ok": 2}]}
@@ -177,8 +180,8 @@ def test_a_failing_sink_never_stops_the_others_and_is_dropped(tmp_path, capsys):
 
 
 def test_wandb_failure_at_init_leaves_training_without_wandb(tmp_path, monkeypatch, capsys):
-    from trainer.config import load_config
-    from trainer.wandb_sink import make_wandb_sink
+    from trainer.config.schema import load_config
+    from trainer.monitor.wandb_sink import make_wandb_sink
 
     cfg = load_config(None, ["log.wandb.mode=offline"])
     monkeypatch.setattr("wandb.init", lambda **kw: (_ for _ in ()).throw(RuntimeError("no network")))
@@ -187,7 +190,7 @@ def test_wandb_failure_at_init_leaves_training_without_wandb(tmp_path, monkeypat
 
 
 def test_report_writes_plots_and_markdown(tmp_path):
-    from trainer.report import write_report
+    from trainer.tools.report import write_report
 
     run = tmp_path / "run"
     run.mkdir()

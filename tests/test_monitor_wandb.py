@@ -40,13 +40,13 @@ def _overrides(demo_root, run_dir, steps, *extra):
 
 
 def _metrics(run_dir):
-    from trainer.metrics import read_jsonl
+    from trainer.rundir import read_jsonl
 
     return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def _events(run_dir):
-    from trainer.metrics import read_jsonl
+    from trainer.rundir import read_jsonl
 
     return read_jsonl(os.path.join(run_dir, "events.jsonl"))
 
@@ -99,7 +99,7 @@ def _wandb_files(run_dir):
 
 
 def test_offline_wandb_run_holds_the_metrics_and_a_sample_image(monitored_run):
-    from trainer.wandb_sink import read_run_records
+    from trainer.monitor.wandb_sink import read_run_records
 
     run_dir, _ = monitored_run
     run_id = open(os.path.join(run_dir, "wandb_run_id")).read().strip()
@@ -176,7 +176,7 @@ def test_api_key_is_in_no_file_of_the_run_directory(monitored_run, resumed_nan_s
 
 
 def test_status_of_the_finished_run(monitored_run):
-    from trainer.status import format_status, run_status
+    from trainer.tools.status import format_status, run_status
 
     run_dir, _ = monitored_run
     s = run_status(run_dir, query_slurm=False)
@@ -189,10 +189,10 @@ def test_status_of_the_finished_run(monitored_run):
 
 def test_resume_reuses_the_wandb_run_and_nan_streak_stops_with_last_good_checkpoint(monitored_run,
                                                                                    resumed_nan_stop_run):
-    from trainer.alerts import EXIT_NAN_STOP
-    from trainer.checkpoint import verify_checkpoint
-    from trainer.status import run_status
-    from trainer.wandb_sink import read_run_records
+    from trainer.rundir import EXIT_NAN_STOP
+    from trainer.state.checkpoint import verify_checkpoint
+    from trainer.tools.status import run_status
+    from trainer.monitor.wandb_sink import read_run_records
 
     src, _ = monitored_run
     run_dir, proc = resumed_nan_stop_run

@@ -86,14 +86,12 @@ def test_moe_ep2_equals_ep1_and_logs_expert_load(runs):
 
 
 def test_moe_ep2_checkpoint_holds_every_expert_once(runs):
-    from trainer.export import consolidated_ema
+    from trainer.state.consolidate import consolidated_ema
 
     ema, arch = consolidated_ema(os.path.join(runs["ep2"], "checkpoints", "step00000010"))
     experts = {k.split(".experts.")[1].split(".")[0] for k in ema if ".experts." in k}
     assert experts == {"0", "1", "2", "3"}
-    from trainer.model_factory import build_model
-
-    result = build_model(arch).load_state_dict(ema, strict=False)  # plain DiT with models/moe.py FFNs
+    result = arch.build().load_state_dict(ema, strict=False)  # plain DiT with models/moe.py FFNs
     assert [k for k in result.missing_keys if k != "pos_embed"] == [] and result.unexpected_keys == []
 
 
@@ -101,7 +99,7 @@ def test_moe_ep2_checkpoint_holds_every_expert_once(runs):
 
 
 def test_tp2_pp2_checkpoint_resumes_exactly(runs, demo_root, tmp_path):
-    from trainer.checkpoint import find_resumable
+    from trainer.state.checkpoint import find_resumable
 
     src = runs["tp2pp2"]
     run_dir = str(tmp_path / "resume")
@@ -119,9 +117,8 @@ def test_tp2_pp2_checkpoint_resumes_exactly(runs, demo_root, tmp_path):
 
 @pytest.mark.parametrize("weights", ["ema", "model"])
 def test_tp2_pp2_export_loads_into_single_process_model(runs, tmp_path, weights):
-    from trainer.export import export_official
-    from trainer.model_factory import build_model
-
+    from models.args import DiTArgs
+    from trainer.tools.export import export_official
     def load(run):
         path = export_official(os.path.join(runs[run], "checkpoints", "step00000010"),
                                str(tmp_path / f"{run}.pt"), weights=weights)
@@ -130,7 +127,7 @@ def test_tp2_pp2_export_loads_into_single_process_model(runs, tmp_path, weights)
 
         with open(os.path.splitext(path)[0] + ".json") as f:
             arch = json.load(f)
-        model = build_model(arch)
+        model = DiTArgs.from_dict(arch).build()
         model.load_state_dict(state, strict=True)  # official keys, nothing missing or extra
         return model.eval(), state
 
@@ -166,10 +163,10 @@ BAD = [
 
 @pytest.mark.parametrize("world,extra,ds,words", BAD)
 def test_invalid_layout_is_rejected_with_what_to_change(demo_root, tmp_path, world, extra, ds, words):
-    from trainer.config import ConfigError, load_config
-    from trainer.ds_config import load_ds_config
-    from trainer.topology import LayoutError
-    from trainer.validate import validate_run
+    from trainer.config.schema import ConfigError, load_config
+    from trainer.config.ds_json import load_ds_config
+    from trainer.config.topology import LayoutError
+    from trainer.config.validate import validate_run
 
     cfg = load_config("configs/tiny.yaml", [f"data.root={demo_root}", f"run.dir={tmp_path}", *extra])
     with pytest.raises((LayoutError, ConfigError)) as info:
@@ -179,7 +176,7 @@ def test_invalid_layout_is_rejected_with_what_to_change(demo_root, tmp_path, wor
 
 
 def test_hidden_not_divisible_by_tensor_size_is_rejected():
-    from trainer.topology import LayoutError, Topology
+    from trainer.config.topology import LayoutError, Topology
 
     with pytest.raises(LayoutError, match="hidden_size=66 is not divisible by parallel.tensor=4"):
         Topology(4, tensor=4).validate(hidden_size=66)
@@ -199,7 +196,7 @@ def test_invalid_layout_fails_before_workers_start(demo_root, tmp_path):
 def test_topology_matches_deepspeed_pipeline_grid():
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    from trainer.topology import Topology
+    from trainer.config.topology import Topology
 
     for world, tp, pp in [(8, 2, 2), (8, 2, 1), (8, 1, 2), (4, 4, 1), (12, 2, 3)]:
         topo = Topology(world, tp, pp)
@@ -258,8 +255,8 @@ def _tp_worker(rank, world, port, out):
 
     from models.dit import DiT
     from models.parallel.tensor import tensor_parallelize
-    from trainer.parallelize import ModelParallelUnit
-    from trainer.topology import Topology
+    from trainer.engine.parallelize import ModelParallelUnit
+    from trainer.config.topology import Topology
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -295,7 +292,7 @@ def test_tensor_parallel_forward_backward_equal_full_model_and_slice_parameters(
     """2 gloo processes, no DeepSpeed: TP outputs/gradients equal the full model's; weights per rank ~halve."""
     import torch.multiprocessing as mp
 
-    from trainer.distributed import free_port
+    from trainer.engine.distributed import free_port
 
     mp.spawn(_tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     counts = torch.load(tmp_path / "0.pt")

@@ -63,10 +63,10 @@ def _plan(tmp_path, *extra):
 
 
 def test_cli_prints_a_ranked_table_and_writes_loadable_outputs(tmp_path, capsys):
-    from trainer.config import load_config
-    from trainer.ds_config import fill_ds_config
-    from trainer.topology import Topology
-    from trainer.validate import validate_values
+    from trainer.config.schema import load_config
+    from trainer.config.ds_json import fill_ds_config
+    from trainer.config.topology import Topology
+    from trainer.config.validate import validate_values
 
     rc, out = _plan(tmp_path)
     text = capsys.readouterr().out
@@ -92,7 +92,7 @@ def test_cli_prints_a_ranked_table_and_writes_loadable_outputs(tmp_path, capsys)
 
 
 def test_every_ranked_layout_fits_and_is_valid_for_the_trainer():
-    from trainer.topology import Topology
+    from trainer.config.topology import Topology
 
     req = planner.Request(model="DiT-B/2", resolution=256, gpus=16, gpu_mem=40, global_batch=256)
     result = planner.plan(req)

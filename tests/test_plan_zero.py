@@ -33,7 +33,7 @@ def measured():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_planner_model_states_within_15_percent_of_two_rank_run(measured, name):
     from cluster.memory_model import count_params, model_state_bytes
-    from trainer.ds_config import load_ds_config
+    from trainer.config.ds_json import load_ds_config
 
     expected = model_state_bytes(count_params(MODEL), load_ds_config(f"{name}.json"), dp=2, precision="fp32")
     per_rank = [r["after_backward"] for r in measured[name]]
@@ -47,6 +47,6 @@ def test_planner_model_states_within_15_percent_of_two_rank_run(measured, name):
     for k, v in core.items():
         assert expected[k] == pytest.approx(v, rel=0.15), f"{name} {k}: {expected[k]} vs {v}"
     # ZeRO really partitions: Adam m, v (8 bytes/param) / 2 ranks; the fp32 master aliases the fp32 weights
-    # (trainer/zero_master.py), so it adds nothing
+    # (trainer/engine/zero_master.py), so it adds nothing
     trainable = measured[name][0]["trainable_params"]
     assert core["optim"] == pytest.approx(8 * trainable / 2, rel=0.15)

@@ -130,7 +130,7 @@ def submit(script: str, out_path: str, env_extra: dict, sbatch_args=()) -> str:
 
 
 from tests.runs import losses_by_step as losses  # noqa: E402
-from trainer.metrics import read_metrics as metrics  # noqa: E402
+from trainer.rundir import read_metrics as metrics  # noqa: E402
 
 
 def train_env(run_dir: str, demo_root: str, extra: str = "") -> dict:
@@ -293,7 +293,7 @@ def test_killed_rank_fails_job_naming_rank_and_keeps_checkpoint(slurm, demo_root
     tag = open(latest).read().strip()
     ckpt = os.path.join(run_dir, "checkpoints", tag)
     assert os.path.isdir(ckpt), f"latest points at missing {ckpt}"
-    from trainer.checkpoint import find_resumable
+    from trainer.state.checkpoint import find_resumable
 
     assert find_resumable(os.path.join(run_dir, "checkpoints")) == ckpt
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from trainer.status import format_status, loss_trend, main, run_status, slurm_job_id, slurm_state
+from trainer.tools.status import format_status, loss_trend, main, run_status, slurm_job_id, slurm_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOW = 1_800_000_000.0
@@ -121,7 +121,7 @@ def test_loss_trend():
 def test_cli_json_and_text_without_importing_torch(tmp_path):
     a = make_run(tmp_path, "a", events=[{"event": "finished", "step": 20}])
     b = make_run(tmp_path, "b", heartbeat_age=None)
-    code = ("import sys, json, io, contextlib; import trainer.status as s\n"
+    code = ("import sys, json, io, contextlib; import trainer.tools.status as s\n"
             "buf = io.StringIO()\n"
             f"with contextlib.redirect_stdout(buf): rc = s.main([{a!r}, {b!r}, '--json'])\n"
             "out = json.loads(buf.getvalue())\n"

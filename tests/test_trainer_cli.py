@@ -52,7 +52,7 @@ def test_world_size_without_a_launcher_is_refused(demo_root):
 
 
 def test_ema_update_equals_formula():
-    from trainer.ema import EMA
+    from trainer.state.ema import EMA
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)

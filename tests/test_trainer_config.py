@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from trainer.config import ConfigError, load_config
-from trainer.ds_config import fill_ds_config, load_ds_config, resolve_ds_config_path
-from trainer.lr_schedule import lr_at
-from trainer.stages import resolve_stages
-from trainer.topology import LayoutError, Topology
-from trainer.validate import validate_stage_batches, validate_values
+from trainer.config.schema import ConfigError, load_config
+from trainer.config.ds_json import fill_ds_config, load_ds_config, resolve_ds_config_path
+from trainer.engine.lr_schedule import lr_at
+from trainer.config.stages import resolve_stages
+from trainer.config.topology import LayoutError, Topology
+from trainer.config.validate import validate_stage_batches, validate_values
 
 
 def test_tiny_config_loads_with_overrides():
@@ -125,7 +125,7 @@ def test_progressive_stages_inherit_and_lr_restarts(tmp_path):
 
 
 def test_readme_config_reference_is_current_and_complete():
-    from trainer.config_reference import HELP, iter_keys, reference_markdown
+    from trainer.config.reference import HELP, iter_keys, reference_markdown
 
     keys = [k for k, _, _ in iter_keys()]
     assert set(keys) == set(HELP), f"undocumented: {set(keys) - set(HELP)}; stale: {set(HELP) - set(keys)}"
@@ -133,4 +133,4 @@ def test_readme_config_reference_is_current_and_complete():
 
     with open(f"{REPO}/README.md") as f:
         readme = f.read()
-    assert reference_markdown() in readme, "README's config table is stale: run python -m trainer.config_reference"
+    assert reference_markdown() in readme, "README's config table is stale: run python -m trainer.config.reference"

@@ -73,7 +73,7 @@ def test_sigkill_after_checkpoint_resumes_exactly(demo_root, two_rank_runs, tmp_
 
 
 def test_truncated_checkpoint_is_skipped_and_resume_is_exact(demo_root, two_rank_runs, tmp_path):
-    from trainer.checkpoint import find_resumable
+    from trainer.state.checkpoint import find_resumable
 
     run_dir = str(tmp_path / "trunc")
     shutil.copytree(two_rank_runs[2], run_dir)
@@ -95,10 +95,10 @@ def test_ema_under_zero3_equals_its_formula(demo_root, tmp_path):
     """Sharded EMA (ZeRO-3, 2 ranks), consolidated, equals d·ema + (1-d)·weights at every step."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from trainer.config import load_config
-    from trainer.export import consolidated_ema
-    from trainer.model_factory import architecture, build_model
-    from trainer.seeding import seed_everything
+    from trainer.config.schema import load_config
+    from trainer.state.consolidate import consolidated_ema
+    from trainer.config.model import architecture
+    from trainer.loop.seeding import seed_everything
 
     run_dir = str(tmp_path / "ema")
     decay = 0.5
@@ -106,13 +106,13 @@ def test_ema_under_zero3_equals_its_formula(demo_root, tmp_path):
                      "checkpoint.keep_last=3", f"train.ema_decay={decay}", "log.sample_every=0"],
                  ds_config="zero3.json")
     cfg = load_config("configs/tiny.yaml")
-    from trainer.data import open_shard_set
+    from trainer.config.shards import open_shard_set
 
     shards = open_shard_set(demo_root, 64)
     arch = architecture(cfg, in_channels=shards.latent_shape[0], input_size=shards.latent_shape[1],
                         num_classes=shards.num_classes)
     seed_everything(cfg.run.seed)
-    expected = {n: p.detach().float().clone() for n, p in build_model(arch).named_parameters() if p.requires_grad}
+    expected = {n: p.detach().float().clone() for n, p in arch.build().named_parameters() if p.requires_grad}
     ck = os.path.join(run_dir, "checkpoints")
     for step in (1, 2):
         tag = f"step{step:08d}"

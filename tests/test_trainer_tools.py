@@ -37,7 +37,8 @@ def test_sample_tool_rejects_a_directory_without_checkpoints(tmp_path):
 
 def test_export_official_loads_strictly_and_matches_ema(tiny_run, tmp_path):
     from models.dit import DiT
-    from trainer.export import export_official, load_ema_model, resolve_checkpoint
+    from trainer.state.consolidate import load_ema_model, resolve_checkpoint
+    from trainer.tools.export import export_official
 
     ck = resolve_checkpoint(tiny_run)
     assert ck.endswith("step00000003")

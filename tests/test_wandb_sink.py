@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from trainer.config import load_config
-from trainer.wandb_sink import RUN_ID_FILE, make_wandb_sink, read_run_records
+from trainer.config.schema import load_config
+from trainer.monitor.wandb_sink import RUN_ID_FILE, make_wandb_sink, read_run_records
 
 
 class _State:
@@ -18,7 +18,7 @@ class _State:
 def _complete(path):
     """The W&B service may finish writing the run file just after ``finish()`` returns: wait for its exit record."""
     from tests.runs import wait_for
-    from trainer.wandb_sink import iter_wandb_records
+    from trainer.monitor.wandb_sink import iter_wandb_records
 
     def done():
         try:

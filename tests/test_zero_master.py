@@ -1,4 +1,4 @@
-"""The fp32 master aliasing of trainer/zero_master.py: less memory, the same training, exact resume.
+"""The fp32 master aliasing of trainer/engine/zero_master.py: less memory, the same training, exact resume.
 
 Each case runs tests/zero_master_check.py on 2 CPU ranks: the same seeded DiT trained 3 steps by DeepSpeed as
 shipped and by the trainer's ``initialize_engine``; the aliased engine is also checkpointed after step 2 and
@@ -55,7 +55,7 @@ def test_offloaded_master_is_left_alone_and_still_trains_exactly(ds_config, tmp_
 
 
 def test_non_zero_optimizers_are_not_touched():
-    from trainer.zero_master import alias_fp32_master_partitions
+    from trainer.engine.zero_master import alias_fp32_master_partitions
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p])
@@ -66,7 +66,7 @@ def test_non_zero_optimizers_are_not_touched():
 def test_a_deepspeed_without_the_expected_internals_keeps_its_clone_with_a_warning():
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from trainer.zero_master import alias_fp32_master_partitions
+    from trainer.engine.zero_master import alias_fp32_master_partitions
 
     hollow = object.__new__(DeepSpeedZeroOptimizer)  # the class, none of the attributes a future release may rename
     with pytest.warns(UserWarning, match="keeping its fp32 master clone"):

@@ -28,10 +28,10 @@ def _engine(ds_name: str, world: int, aliased: bool):
     import deepspeed
 
     from models.dit import DiT
-    from trainer.config import load_config
-    from trainer.ds_config import fill_ds_config, load_ds_config
-    from trainer.loop import optimizer_config, param_groups
-    from trainer.parallelize import initialize_engine
+    from trainer.config.schema import load_config
+    from trainer.config.ds_json import fill_ds_config, load_ds_config
+    from trainer.engine.optimizer import optimizer_config, param_groups
+    from trainer.engine.parallelize import initialize_engine
 
     cfg = load_config(None, ["train.precision=fp32", f"train.micro_batch={MICRO}",
                              f"train.global_batch={MICRO * world}", "train.grad_clip=1.0", "train.weight_decay=0.01"])
@@ -94,7 +94,7 @@ def _master_layout(engine) -> list[dict]:
 
 
 def _rank_main(rank: int, world: int, port: int, ds_name: str, out: str, ckpt_dir: str) -> None:
-    from trainer.distributed import init_local_gloo_rank
+    from trainer.engine.distributed import init_local_gloo_rank
 
     torch.set_num_threads(1)
     init_local_gloo_rank(rank, world, port)
@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("--ds-config", default="zero2.json")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from trainer.distributed import free_port
+    from trainer.engine.distributed import free_port
 
     port = free_port()
     with tempfile.TemporaryDirectory() as ckpt_dir:

@@ -13,7 +13,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-EXIT_CONFIG_ERROR = 2
+from trainer.rundir import EXIT_CONFIG_ERROR  # noqa: E402  (torch-free)
 
 
 def parse_args(argv=None):
@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from trainer.config import ConfigError, load_config
-    from trainer.distributed import prepare_env, world_size_from_env
-    from trainer.ds_config import fill_ds_config, load_ds_config
-    from trainer.topology import LayoutError
-    from trainer.validate import validate_run
+    from trainer.config.schema import ConfigError, load_config
+    from trainer.engine.distributed import prepare_env, world_size_from_env
+    from trainer.config.ds_json import fill_ds_config, load_ds_config
+    from trainer.config.topology import LayoutError
+    from trainer.config.validate import validate_run
 
     launched = prepare_env()
     try:
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         print(f"error: WORLD_SIZE={world} but no RANK: start {world} ranks with deepspeed --num_gpus, torchrun or "
               f"srun (WORLD_SIZE without a launcher is only for --validate_only)", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    from trainer.distributed import init_distributed
-    from trainer.loop import run_training
+    from trainer.engine.distributed import init_distributed
+    from trainer.loop.trainer import run_training
 
     device = init_distributed()
     return run_training(cfg, ds, stages, shard_sets, topo, device)

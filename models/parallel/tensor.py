@@ -123,7 +123,7 @@ class TensorParallelMlp(nn.Module):
 def tensor_parallelize(model: nn.Module, rank: int, size: int) -> dict:
     """Swap the DiT's blocks and final-layer modulation for tensor-parallel ones, in place.
 
-    fairscale's model-parallel group must already be set (trainer/parallelize.py does it). Returns the
+    fairscale's model-parallel group must already be set (trainer/engine/parallelize.py does it). Returns the
     split spec {official name: "qkv" | 0 | 1} of every sliced parameter.
     """
     if size == 1:

@@ -1,0 +1,135 @@
+"""The config reference table in README.md, generated from the schema so the two cannot drift.
+
+``python -m trainer.config.reference`` prints it; a test checks that README.md holds the current
+table and that every key has a description.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+
+from trainer.config.schema import CHOICES, RunConfig, StageSection
+
+HELP = {
+    "run.dir": "run directory: config, metrics, checkpoints, samples; the same dir resumes",
+    "run.seed": "seed of init, data order and per-(data-parallel rank, step) noise/timestep streams",
+    "run.name": "display name (W&B); default: the run dir's name",
+    "model.name": "`DiT-{S,B,L,XL}/{2,4,8}` or `custom` (then hidden_size, depth, num_heads, patch_size are required)",
+    "model.hidden_size": "override the preset's hidden size",
+    "model.depth": "override the preset's number of blocks",
+    "model.num_heads": "override the preset's attention heads",
+    "model.patch_size": "override the preset's patch size",
+    "model.mlp_ratio": "feed-forward width / hidden size (preset 4.0)",
+    "model.class_dropout_prob": "label dropout for classifier-free guidance",
+    "model.num_classes": "0 = from the shard manifest",
+    "model.learn_sigma": "predict the variance too (2C output channels, hybrid loss)",
+    "model.qk_norm": "normalise per-head q and k (keeps long bf16 runs stable)",
+    "model.ffn": "`gelu` (official MLP) or `swiglu`",
+    "model.norm": "`layernorm` (official) or `rmsnorm`",
+    "model.grad_checkpoint": "activation checkpointing: 0 off, 1 every block, k every k-th block",
+    "model.moe.num_experts": "0 = dense; > 0 = MoE feed-forward with this many experts",
+    "model.moe.top_k": "experts per token",
+    "model.moe.every": "MoE in every k-th block (1 = all)",
+    "model.moe.capacity_factor": "expert capacity = factor × tokens × top_k / experts; overflow tokens are dropped",
+    "model.moe.shared_expert": "add one always-on expert",
+    "model.moe.noisy_gate": "noise on router logits while training",
+    "model.moe.aux_loss_coef": "weight of the load-balancing loss added to the diffusion loss",
+    "objective.kind": "`diffusion` (DiT's Gaussian diffusion) or `flow` (rectified flow)",
+    "objective.noise_schedule": "`linear` (DiT) or `cosine`",
+    "objective.diffusion_steps": "training timesteps of the diffusion",
+    "objective.flow_timesteps": "flow t sampling: `uniform` or `logit_normal`",
+    "objective.flow_logit_mean": "mean of the logit-normal t distribution",
+    "objective.flow_logit_std": "std of the logit-normal t distribution",
+    "data.root": "folder with one shard set per resolution (`ROOT/64/`, `ROOT/128/`, …)",
+    "data.resolution": "pixels, when there are no stages",
+    "data.num_workers": "loader worker processes per rank",
+    "data.shuffle_buffer": "samples in the shuffle buffer",
+    "data.resampled": "endless resampled stream (recommended) instead of finite epochs",
+    "train.max_steps": "optimizer steps (with stages: derived as their sum)",
+    "train.global_batch": "samples per optimizer step over all data-parallel ranks",
+    "train.micro_batch": "samples per rank per forward/backward (gradient accumulation fills the rest)",
+    "train.precision": "`fp32`, `bf16` (autocast, fp32 master weights and loss) or `fp16` (CUDA only)",
+    "train.lr": "peak learning rate (AdamW)",
+    "train.min_lr": "floor of the cosine schedule",
+    "train.warmup_steps": "linear warmup steps (restarts per stage)",
+    "train.lr_schedule": "`constant` or `cosine` after warmup",
+    "train.weight_decay": "AdamW decay (not on biases, norms, embedding tables)",
+    "train.beta1": "AdamW β1",
+    "train.beta2": "AdamW β2",
+    "train.eps": "AdamW ε",
+    "train.compile": "torch.compile each DiT block (inductor fuses norm, modulation, GELU and residuals around the matmuls); not with ZeRO-3, tensor/pipeline parallel or MoE",
+    "train.fused_adamw": "torch's fused AdamW kernel: one pass over weights, grads and moments, no temporaries (false: multi-tensor `foreach`)",
+    "train.grad_clip": "gradient-norm clipping (0 = off)",
+    "train.ema_decay": "EMA decay of the sampling weights",
+    "train.ema_every": "update the EMA every k steps",
+    "train.max_nan_steps": "non-finite steps in a row before the run stops with a checkpoint of the last good state",
+    "log.every": "steps between metric records",
+    "log.sample_every": "steps between EMA sample grids (0 = only at the end)",
+    "log.peak_tflops": "per-device peak for MFU; 0 = known-GPU table or a measured matmul on CPU",
+    "log.stall_minutes": "no step for this long → stall alert (0 = off)",
+    "log.heartbeat_seconds": "how often the logging rank writes `heartbeat.json`",
+    "log.spike_factor": "loss above factor × running median → spike alert (0 = off)",
+    "log.wandb.mode": "`online`, `offline` (sync later) or `disabled`",
+    "log.wandb.project": "W&B project",
+    "log.wandb.entity": "W&B entity (team)",
+    "log.wandb.group": "W&B group",
+    "log.wandb.tags": "W&B tags",
+    "checkpoint.every": "steps between checkpoints (also at each stage end and on preemption)",
+    "checkpoint.keep_last": "checkpoints kept",
+    "checkpoint.init_from": "checkpoint dir to take weights from (other resolution allowed); optimizer starts fresh",
+    "sample.cfg_scale": "classifier-free guidance scale of sample grids",
+    "sample.steps": "sampler steps",
+    "sample.method": "`ddim`/`ddpm` (diffusion) or `euler`/`heun` (flow)",
+    "sample.classes": "classes in grids (empty = all)",
+    "sample.per_class": "samples per class (grid columns)",
+    "sample.seed": "noise seed of sample grids",
+    "parallel.tensor": "tensor-parallel size (heads and MLP split across ranks)",
+    "parallel.pipeline": "pipeline stages (ZeRO-0/1 only)",
+    "parallel.expert": "expert-parallel size for MoE",
+    "parallel.pipeline_partition": "`parameters`, `uniform` or comma-separated layers per stage",
+    "pe_interpolation": "scale position-table coordinates to the first stage's grid (PixArt)",
+    "stages": "progressive stages; each: resolution, steps, and optionally global_batch, micro_batch, lr, "
+              "warmup_steps, data_root, sample_every, checkpoint_every (unset = inherit)",
+}
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _type_name(inner) + " (optional)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def iter_keys(cls=RunConfig, prefix=""):
+    """(dotted key, type, default) for every leaf of the schema."""
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, tp, getattr(instance, f.name)
+
+
+def reference_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tp, default in iter_keys():
+        if key == "stages":
+            shown = "[]"
+        else:
+            shown = repr(default) if not isinstance(default, str) else (f"`{default}`" if default else '""')
+        meaning = HELP[key]
+        if key in CHOICES:
+            meaning += " (" + " / ".join(CHOICES[key]) + ")"
+        lines.append(f"| `{key}` | {_type_name(tp)} | {shown} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(StageSection)]
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

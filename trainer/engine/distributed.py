@@ -1,0 +1,146 @@
+"""Process-group start-up for every launcher: deepspeed, torchrun, srun, or one plain process."""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for a local rendezvous: launchers, tests, benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_env() -> bool:
+    """Make RANK/WORLD_SIZE/... present whichever way the process was started.
+
+    Returns True when a launcher (deepspeed, torchrun, srun) provided the rank. A plain process
+    keeps a WORLD_SIZE it was given, so ``--validate_only`` can check a layout for a larger job.
+    """
+    from trainer.engine.launch_env import apply_slurm_env
+
+    apply_slurm_env()
+    if "RANK" in os.environ:
+        return True
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0"})
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return False
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (one GPU per local rank), else CPU; never assume one."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_cpu_threads() -> int:
+    """Share the cores among the ranks on this machine unless OMP_NUM_THREADS says otherwise.
+
+    Without this every CPU rank starts one thread per core and N ranks oversubscribe N-fold.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, local))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init_distributed(timeout_minutes: int = 30) -> torch.device:
+    import deepspeed
+
+    prepare_env()
+    device = pick_device()
+    if device.type == "cpu":
+        set_cpu_threads()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+        if device.type == "cpu":
+            release_deepspeed_shm_names()
+    return device
+
+
+def init_local_gloo_rank(rank: int, world: int, port: int) -> None:
+    """Start rank ``rank`` of ``world`` CPU processes on this host without a launcher (gloo, DeepSpeed's info
+    logging off): how the memory benchmarks and the multi-rank test workers bring up their spawned ranks."""
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    release_deepspeed_shm_names()
+
+
+def deepspeed_shm_path(rank: int) -> str:
+    """/dev/shm file of DeepSpeed's CPU shared-memory all-reduce buffer for ``rank`` (name format of
+    deepspeed/ops/csrc/cpu/comm/shm.cpp: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_deepspeed_shm_names() -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer name once every rank has mapped every buffer.
+
+    DeepSpeed's CPU backend creates a ~69 MB /dev/shm segment per rank when all ranks are local and never
+    removes it, so every run (and every killed run) leaks world × 69 MB of RAM until the machine fills up.
+    The mappings stay valid after the unlink, and the kernel frees the memory when the last rank exits,
+    however it exits.
+    """
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank has finished DeepSpeed's shm_initialize (which maps all peers' buffers)
+    try:
+        os.unlink(deepspeed_shm_path(dist.get_rank()))
+    except FileNotFoundError:
+        pass  # no shm path in this run (ranks not all local, or another DeepSpeed version's naming)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Tear the process group down after a clean finish: every rank leaves together, and gloo/NCCL threads
+    are joined before interpreter teardown (left to exit-time destructors, one rank occasionally aborted with
+    "terminate called without an active exception" after a complete run, failing the job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank raised the flag (preemption, stop request)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,387 @@
+"""The training loop: stages → micro-batches → DeepSpeed steps → EMA, metrics, checkpoints, samples.
+
+The loop owns no model maths: noise, timesteps and losses come from the objective, the network from
+``models``. What it owns is order and bookkeeping, so that a run stopped anywhere and resumed
+produces exactly the numbers an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from trainer.state import checkpoint as ckpt
+from trainer.state.parallel_ema import make_ema
+from trainer.monitor.faults import fault_pause_after_checkpoint
+from trainer.monitor.nan_guard import optimizer_update_skipped
+from trainer.config.schema import RunConfig, save_config
+from trainer.config.shards import ShardSet
+from trainer.engine.optimizer import optimizer_config, param_groups
+from trainer.loop.data import load_vae, make_loader
+from trainer.engine.distributed import all_reduce_max_flag, barrier, shutdown
+from trainer.engine.lr_schedule import StageLRScheduler
+from trainer.monitor.metrics import JsonlSink, Metrics, NullSink
+from trainer.config.model import architecture
+from trainer.engine.objective import build_objective_from_config
+from trainer.monitor.monitor import Monitor
+from trainer.loop.preemption import PreemptionFlag
+from trainer import rundir
+from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED
+from trainer.loop.seeding import rng_state, seed_everything, set_rng_state, step_generator
+from trainer.config.stages import Stage
+from trainer.config.topology import Topology
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[trainer] {msg}", flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds: dict, stages: list[Stage], shard_sets: list[ShardSet], topo: Topology,
+                 device: torch.device):
+        self.cfg, self.ds, self.stages, self.shard_sets, self.topo, self.device = cfg, ds, stages, shard_sets, topo, device
+        self.rank = dist.get_rank()
+        self.run_dir = cfg.run.dir
+        self.ckpt_dir = rundir.checkpoints_dir(self.run_dir)
+        self.state = ckpt.TrainerState()
+        self.preempt = PreemptionFlag()
+        self.metrics = Metrics([])
+        self.last_log_time = time.time()
+        self.steps_since_log = 0
+        self.samples_since_log = 0
+        self.data_time = 0.0
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def dp_rank(self) -> int:
+        return self.topo.coords(self.rank).data  # DeepSpeed's rank order (pipe, data, tensor): trainer/config/topology.py
+
+    def _is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        first = self.shard_sets[0]
+        channels, size, _ = first.latent_shape
+        self.arch = architecture(cfg, in_channels=channels, input_size=size, num_classes=first.num_classes)
+        seed_everything(cfg.run.seed)
+        model = self.arch.build(grad_checkpoint=cfg.model.grad_checkpoint)
+        if cfg.train.compile:
+            from trainer.engine.compile import compile_blocks
+
+            log0(f"train.compile: {compile_blocks(model)} DiT blocks compiled with torch.compile (first steps compile)")
+        self.objective = build_objective_from_config(cfg, self.arch.learn_sigma)
+        ds = dict(self.ds)
+        ds["optimizer"] = optimizer_config(cfg)
+        self.ds = ds
+        stages = self.stages
+        schedule, min_lr = cfg.train.lr_schedule, cfg.train.min_lr
+        from trainer.engine.parallelize import build_engine  # TP / PP / DeepSpeed-MoE per the topology; plain DP as before
+
+        self.par = build_engine(model, arch=self.arch, topo=self.topo, ds=ds, objective=self.objective,
+                                param_groups=lambda m: param_groups(m, cfg.train.weight_decay),
+                                lr_scheduler=lambda opt: StageLRScheduler(opt, stages, schedule, min_lr),
+                                grad_checkpoint=cfg.model.grad_checkpoint,
+                                pipeline_partition=cfg.parallel.pipeline_partition)
+        self.engine, self.optimizer, self.scheduler = self.par.engine, self.par.optimizer, self.par.scheduler
+        self.model = self.engine.module
+        self.ema = make_ema(self.par, cfg.train.ema_decay)
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+            save_config(cfg, rundir.path(self.run_dir, rundir.CONFIG))
+            from trainer.config.ds_json import save_ds_config
+
+            save_ds_config(ds, rundir.path(self.run_dir, rundir.DS_CONFIG))
+        barrier()
+        self._resume_or_init()
+        self.metrics = self._build_metrics()
+        self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
+
+    def _build_metrics(self) -> Metrics:
+        if not self._is_logging_rank():
+            return Metrics([NullSink()])
+        sinks = [JsonlSink(self.run_dir)]
+        from trainer.monitor.wandb_sink import make_wandb_sink
+
+        wb = make_wandb_sink(self.cfg, self.run_dir, self.state)
+        if wb is not None:
+            sinks.append(wb)
+        return Metrics(sinks)
+
+    def _resume_or_init(self) -> None:
+        path = ckpt.find_resumable(self.ckpt_dir) if self.rank == 0 else None
+        if dist.get_world_size() > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        if path is not None:
+            saved = ckpt.read_trainer_state(path)
+            ckpt.check_model_config(saved.model_config, self.arch)
+            tag = os.path.basename(path)
+            self._set_stage_shape(self._stage_for_state(saved))
+            load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
+            rng = ckpt.load_rng_state(path, self.rank)
+            if rng is not None:
+                set_rng_state(rng)
+            self.state = saved
+            log0(f"resumed from {path} at step {saved.step} (stage {saved.stage})")
+        elif self.cfg.checkpoint.init_from:
+            src = self.cfg.checkpoint.init_from.rstrip("/")
+            problem = ckpt.verify_checkpoint(src)
+            if problem:
+                raise RuntimeError(f"checkpoint.init_from: {problem}")
+            self.engine.load_checkpoint(os.path.dirname(src), tag=os.path.basename(src), load_module_only=True,
+                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+            self.ema.copy_from_model()
+            log0(f"initialised weights from {src} (optimizer and step start fresh)")
+        self.state.model_config = self.arch.to_dict()
+
+    def _stage_for_state(self, state: ckpt.TrainerState) -> Stage:
+        return self.stages[min(state.stage, len(self.stages) - 1)]
+
+    # ------------------------------------------------------------------ stages
+    def _set_stage_shape(self, stage: Stage) -> None:
+        """Token grid, position table and DeepSpeed batch sizes for ``stage``."""
+        size = self.shard_sets[stage.index].latent_shape[1]
+        if self.engine.zero_optimization_stage() == 3:
+            # The pos_embed parameter is partitioned under ZeRO-3 and cannot change shape; the model then
+            # computes (and caches) the table for the new grid on the fly, with the same values.
+            self.model.pe_interpolate = bool(self.cfg.pe_interpolation)
+        else:
+            self.model.set_input_size(size, interpolate=self.cfg.pe_interpolation)
+        self.arch = self.arch.with_input_size(size)
+        self.state.model_config = self.arch.to_dict()
+        self.engine.set_train_micro_batch_size(stage.micro_batch)
+        self.engine.set_train_batch_size(stage.global_batch)
+
+    def _enter_stage(self, stage: Stage):
+        self._set_stage_shape(stage)
+        if self.state.stage != stage.index:
+            self.state.stage = stage.index
+            self.state.data_batches = 0
+        shards = self.shard_sets[stage.index]
+        log0(f"stage {stage.index}: {stage.resolution} px (latent {shards.latent_shape}), steps "
+             f"{stage.start_step}..{stage.end_step}, global batch {stage.global_batch}, micro {stage.micro_batch}")
+        loader = make_loader(shards, batch_size=stage.micro_batch, dp_rank=self.dp_rank, dp_size=self.topo.data,
+                             seed=self.cfg.run.seed + 7919 * stage.index, num_workers=self.cfg.data.num_workers,
+                             shuffle_buffer=self.cfg.data.shuffle_buffer, resampled=self.cfg.data.resampled,
+                             start_batch=self.state.data_batches, pin_memory=self.device.type == "cuda")
+        self.loader = loader
+        return iter(loader)
+
+    # ------------------------------------------------------------------ one step
+    def next_batch(self, it):
+        """The loader's next (latents, labels), with the wait counted as data time."""
+        t0 = time.perf_counter()
+        batch = next(it)
+        self.data_time += time.perf_counter() - t0
+        return batch
+
+    def step_randomness(self, shape: torch.Size, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps (N,), noise (N, C, H, W), label-drop flags (N,)) on CPU: a pure function of (seed,
+        data-parallel rank, step, micro-step), shared by the plain and the pipeline step so layouts agree."""
+        n = shape[0]
+        g = step_generator(self.cfg.run.seed, self.dp_rank, self.state.step, micro)
+        t = self.objective.sample_timesteps(n, generator=g)
+        noise = torch.randn(shape, generator=g)
+        drop = (torch.rand(n, generator=g) < self.arch.class_dropout_prob).long()
+        return t, noise, drop
+
+    def _micro_step(self, batch, micro: int) -> dict:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
+        y = y.to(self.device, non_blocking=True)  # (N,)
+        t, noise, drop = (v.to(self.device) for v in self.step_randomness(x.shape, micro))
+        timer = self.monitor.timer
+        timer.start()
+        out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},
+                                             noise=noise)
+        timer.stop("fwd")
+        loss = self.monitor.inject_fault(out["loss"].float().mean(), micro)
+        total = loss
+        if self.arch.moe is not None:
+            total = total + self.model.moe_aux_loss()  # already weighted by model.moe.aux_loss_coef
+        if self.monitor.nonfinite(total):  # agreed across ranks; the whole step is skipped (trainer/monitor/nan_guard.py)
+            total = total * 0.0  # backward/step still run so DeepSpeed's counters stay consistent
+        self.monitor.timesteps(t, out["loss"])
+        timer.start()
+        self.engine.backward(total)
+        timer.stop("bwd")
+        timer.start()
+        with optimizer_update_skipped(self.engine, self.monitor.step_skipped):
+            self.engine.step()
+        timer.stop("opt")
+        return {"loss": loss.detach(), "mse": out["mse"].float().mean().detach(),
+                "vb": out["vb"].float().mean().detach()}
+
+    def _train_step(self, it, stage: Stage) -> dict:
+        gas = stage.global_batch // (stage.micro_batch * self.topo.data)
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the lr this step trains with
+        sums = {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        self.monitor.begin_step()
+        if self.par.pipeline:  # DeepSpeed's pipeline schedule runs all micro-batches (trainer/loop/pipeline_step.py)
+            from trainer.loop.pipeline_step import train_batch
+
+            sums = {k: v * gas for k, v in train_batch(self, it, gas).items()}
+        for micro in range(0 if self.par.pipeline else gas):
+            parts = self._micro_step(self.next_batch(it), micro)
+            for k in sums:
+                sums[k] = sums[k] + parts[k]
+        self.state.data_batches += gas
+        self.state.step += 1
+        self.state.samples_seen += stage.global_batch
+        skipped = self.monitor.end_step()  # a skipped (non-finite) step changed no weights: no EMA update either
+        if self.state.step % self.cfg.train.ema_every == 0 and not skipped:
+            self.ema.update()
+        return {k: v / gas for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _mean_across_ranks(self, values: dict) -> dict:
+        keys = sorted(values)
+        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).reshape(()) for k in keys]).to(self.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+        return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def _log(self, parts: dict, stage: Stage) -> None:
+        means = self._mean_across_ranks(parts)
+        now = time.time()
+        elapsed = max(now - self.last_log_time, 1e-9)
+        record = {
+            "step": self.state.step,
+            "loss": means["loss"], "mse": means["mse"], "vb": means["vb"],
+            "lr": self.step_lr,
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "samples_per_sec": self.samples_since_log / elapsed,
+            "step_time": elapsed / max(self.steps_since_log, 1),
+            "data_time": self.data_time / max(self.steps_since_log, 1),
+            "resolution": stage.resolution, "stage": stage.index,
+            "tokens": self.arch.tokens,
+            "samples_seen": self.state.samples_seen,
+            "time": now,
+        }
+        record.update(self.monitor.fields(stage, record["samples_per_sec"], record["step_time"],
+                                          self.steps_since_log))  # collective: MFU, memory, ETA, quartiles...
+        self.metrics.log(record)
+        self.monitor.after_log(record)
+        if self.rank == 0 and (self.state.step % (self.cfg.log.every * 10) == 0 or self.state.step == 1):
+            log0(f"step {self.state.step}/{self.stages[-1].end_step} loss {record['loss']:.4f} "
+                 f"lr {record['lr']:.2e} {record['samples_per_sec']:.1f} samples/s")
+        self.last_log_time, self.steps_since_log, self.samples_since_log, self.data_time = now, 0, 0, 0.0
+
+    def save(self) -> str:
+        path = ckpt.save_checkpoint(self.engine, self.ema, self.state, self.ckpt_dir, self.cfg.checkpoint.keep_last,
+                                    rng_state(), ema_writer_ranks=self.par.ema_writer_ranks,
+                                    extra_save=self.par.save_extra)
+        log0(f"checkpoint {path}")
+        fault_pause_after_checkpoint(self.state.step)
+        return path
+
+    def sample(self, stage: Stage, name: Optional[str] = None) -> Optional[str]:
+        """EMA sample grid at the stage's resolution (collective under ZeRO-3; rank 0 samples)."""
+        tensors = self.ema.full_tensors()
+        if self.rank != 0:
+            barrier()
+            return None
+        shards = self.shard_sets[stage.index]
+        arch = self.arch.with_input_size(shards.latent_shape[1])
+        from trainer.state.consolidate import model_from_ema
+        from trainer.monitor.sampling import sample_grid
+
+        model = model_from_ema(tensors, arch, self.device, source=f"step {self.state.step}")
+
+        classes = list(self.cfg.sample.classes) or list(range(arch.num_classes))
+        path = os.path.join(self.run_dir, "samples", name or f"step{self.state.step:08d}.png")
+        sample_grid(model, self.objective, load_vae(shards), path, classes=classes,
+                    per_class=self.cfg.sample.per_class, latent_shape=shards.latent_shape,
+                    cfg_scale=self.cfg.sample.cfg_scale, steps=self.cfg.sample.steps, method=self.cfg.sample.method,
+                    seed=self.cfg.sample.seed, device=self.device, num_classes=arch.num_classes)
+        self.metrics.log_image(self.state.step, "samples", path)
+        log0(f"sample grid {path}")
+        barrier()
+        return path
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> int:
+        """Returns the process exit status (0 done, EXIT_PREEMPTED checkpointed for requeue)."""
+        self.last_log_time = time.time()
+        for stage in self.stages:
+            if self.state.step >= stage.end_step:
+                continue
+            it = self._enter_stage(stage)
+            while self.state.step < stage.end_step:
+                parts = self._train_step(it, stage)
+                self.steps_since_log += 1
+                self.samples_since_log += stage.global_batch
+                step = self.state.step
+                if step % self.cfg.log.every == 0 or step == stage.end_step:
+                    self._log(parts, stage)
+                if self.monitor.should_stop:  # train.max_nan_steps non-finite steps in a row (all ranks agree)
+                    self.save()  # skipped steps changed no weights: this is the last good state
+                    self.monitor.nan_stop()
+                    self.monitor.close("failed")
+                    self.metrics.close()
+                    return EXIT_NAN_STOP
+                saved = False
+                if step % stage.checkpoint_every == 0 or step == stage.end_step:
+                    self.save()
+                    saved = True
+                if stage.sample_every and step % stage.sample_every == 0 and step != self.stages[-1].end_step:
+                    self.sample(stage)
+                if all_reduce_max_flag(self.preempt.requested, self.device):
+                    if not saved:
+                        self.save()
+                    log0(f"preempted ({self.preempt.signal_name or 'signal on another rank'}) at step {step}; "
+                         f"checkpoint saved, exiting with {EXIT_PREEMPTED} for requeue")
+                    self.metrics.alert("preempted", f"checkpointed at step {step}", "INFO")
+                    self.monitor.close("preempted")
+                    self.metrics.close()
+                    barrier()  # no rank exits (and gets its peers killed by srun) before W&B has flushed
+                    return EXIT_PREEMPTED
+        self.sample(self.stages[-1], name="final.png")
+        finished = {"step": self.state.step, "event": "finished"}
+        if self.cfg.train.compile:
+            from trainer.engine.compile import compile_report
+
+            finished["compile"] = compile_report()
+            log0(f"train.compile: {finished['compile']['graphs']} graphs compiled, "
+                 f"{finished['compile']['graph_breaks']} graph breaks")
+        self.metrics.event(finished)
+        self.monitor.close("finished")
+        self.metrics.close()
+        log0(f"finished {self.state.step} steps; outputs in {os.path.abspath(self.run_dir)}")
+        return 0
+
+
+def _as_float(v) -> float:
+    if v is None:
+        return float("nan")
+    return float(v.item() if hasattr(v, "item") else v)
+
+
+def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device) -> int:
+    trainer = Trainer(cfg, ds, stages, shard_sets, topo, device)
+    trainer.setup()
+    try:
+        code = trainer.train()
+        shutdown()  # every exit code of train() is reached by all ranks together (finished, preempted, NaN stop)
+        return code
+    except Exception as exc:
+        monitor = getattr(trainer, "monitor", None)
+        if monitor is not None:  # an 'error' event and alert for the status tool, then the real traceback
+            monitor.error(exc)
+            monitor.close("crashed")
+        raise
+    finally:
+        trainer.preempt.restore()
+        sys.stdout.flush()
