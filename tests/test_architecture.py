@@ -187,3 +187,17 @@ def test_modules_stay_small(package):
                 if n > MAX_LINES:
                     too_long.append(f"{os.path.relpath(os.path.join(dirpath, name), REPO)}: {n} lines")
     assert not too_long, f"modules over {MAX_LINES} lines (split them by job): " + ", ".join(too_long)
+
+
+def test_every_module_imports():
+    """A moved module leaves no stale import behind (the static checks above cannot see a missing module)."""
+    import importlib
+
+    failures = []
+    for rel in _modules():
+        name = rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - report every broken module at once
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    assert not failures, "\n".join(failures)

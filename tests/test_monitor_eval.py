@@ -102,7 +102,7 @@ def eval_run(demo_root, tmp_path_factory):
     ck = run / "checkpoints" / "step00000004"
     ck.mkdir(parents=True)
     torch.save({"tensors": tensors}, ck / "ema.pt")
-    (ck / "trainer_state.json").write_text(json.dumps({"step": 4, "model_config": arch}))
+    (ck / "trainer_state.json").write_text(json.dumps({"step": 4, "model_config": arch.to_dict()}))
     sizes = {f: os.path.getsize(ck / f) for f in ("ema.pt", "trainer_state.json")}
     (ck / "COMPLETE.json").write_text(json.dumps({"files": sizes}))
     return str(run), shards.num_classes

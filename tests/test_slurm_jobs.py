@@ -8,6 +8,7 @@ bounded waits that fail with the job's output attached.
 Jobs (2 CPU ranks each, tiny DiT, fp32 — deterministic, so losses compare exactly):
 - an uninterrupted 60-step run of cluster/train_xl.slurm (also the reference trajectory);
 - the same job sent USR1 mid-run: checkpoint → exit 75 → self-requeue → resume → equal losses;
+- `scontrol requeue` of an attempt that cannot exit cleanly: the requeued attempt reclaims its own lease at once;
 - a config typo: FAILED in seconds with the key named;
 - scancel: a checkpoint within KillWait, the job stays CANCELLED (no requeue);
 - a killed rank: FAILED with the rank named, last checkpoint intact;
@@ -217,6 +218,36 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(reference_run, demo_r
     assert sorted(got) == list(range(1, STEPS + 1))
     mismatched = [(s, ref[s], got[s]) for s in ref if abs(ref[s] - got[s]) > 1e-6 * max(1.0, abs(ref[s]))]
     assert not mismatched, f"loss differs from the uninterrupted run at (step, ref, got): {mismatched[:5]}"
+
+
+def test_requeue_of_a_killed_attempt_takes_its_own_lease_back_at_once(reference_run, demo_root, tmp_path):
+    """`scontrol requeue` while the ranks sit in the post-checkpoint pause: TERM cannot end them before KillWait,
+    so they are SIGKILLed and never release the run directory. The requeued attempt is the same job, so it takes
+    its lease back at once (no 5-minute lease timeout), resumes, and logs every step exactly once."""
+    from trainer.state.lease import read_lease
+
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "job-%j.out")
+    env = dict(train_env(run_dir, demo_root, "checkpoint.every=10"), DIT_FAULT_PAUSE_AFTER_CHECKPOINT="10:300")
+    job = submit("cluster/train_xl.slurm", out, env, CPU_ALLOC)
+    out = out.replace("%j", job)
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    wait_for(lambda: os.path.exists(latest) and open(latest).read().strip() == "step00000010"
+             or job_info(job).get("JobState") in TERMINAL, 150, "the step-10 checkpoint", lambda: read_output(out)[-4000:])
+    holder = read_lease(run_dir)
+    assert holder["slurm_job_id"] == job and holder["slurm_restart"] == 0, holder
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    info = wait_job(job, out, 240, "requeue and finish",
+                    lambda i: i.get("JobState") in TERMINAL and int(i.get("Restarts", "0")) >= 1)
+    text = read_output(out)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-5000:]
+    takeovers = [json.loads(line) for line in open(os.path.join(run_dir, "events.jsonl"))
+                 if '"lease_takeover"' in line]
+    assert len(takeovers) == 1, takeovers
+    assert takeovers[0]["reason"] == f"same Slurm job {job} requeued (attempt 0 -> 1)", takeovers
+    steps = [r["step"] for r in metrics(run_dir)]
+    assert steps == list(range(1, STEPS + 1)), steps
+    ref, got = losses(reference_run["run_dir"]), losses(run_dir)
+    assert all(abs(ref[s] - got[s]) <= 1e-6 * max(1.0, abs(ref[s])) for s in ref)
 
 
 def test_invalid_config_fails_fast_naming_the_key(slurm, demo_root, tmp_path):

@@ -16,7 +16,8 @@ NOW = 1_800_000_000.0
 
 
 def make_run(root, name, *, steps=20, total=100, heartbeat_age=5.0, idle=5.0, events=(), stalled=False,
-             hb_state="running", stall_minutes=10):
+             hb_state="running", stall_minutes=10, lease=True):
+    """A run directory as a run on another host ("node7") leaves it; a live run holds the lease (lease.json)."""
     run = root / name
     (run / "checkpoints" / "step00000020").mkdir(parents=True)
     (run / "checkpoints" / "step00000020" / "COMPLETE.json").write_text("{}")
@@ -37,7 +38,9 @@ def make_run(root, name, *, steps=20, total=100, heartbeat_age=5.0, idle=5.0, ev
     if heartbeat_age is not None:
         (run / "heartbeat.json").write_text(json.dumps({
             "time": NOW - heartbeat_age, "step": steps, "last_step_time": NOW - idle, "stalled": stalled,
-            "state": hb_state}))
+            "state": hb_state, "host": "node7", "pid": 1, "lease_token": "t0"}))
+    if lease:
+        (run / "lease.json").write_text(json.dumps({"token": "t0", "host": "node7", "pid": 1, "started": NOW - 3600}))
     return str(run)
 
 
@@ -84,7 +87,7 @@ def test_finished_and_resumed_after_an_earlier_finish(tmp_path):
 
 
 def test_preempted_and_alert_flags(tmp_path):
-    pre = make_run(tmp_path, "pre", heartbeat_age=300, hb_state="preempted")
+    pre = make_run(tmp_path, "pre", heartbeat_age=300, hb_state="preempted", lease=False)  # released at exit
     assert run_status(pre, now=NOW, query_slurm=False)["state"] == "preempted"
     alerts = [{"event": "alert", "title": "non-finite loss", "text": "step 7: loss is NaN", "level": "WARN"},
               {"event": "alert", "title": "loss spike", "text": "step 9: loss 9 is 4.0x", "level": "WARN"}]
@@ -120,7 +123,7 @@ def test_loss_trend():
 
 def test_cli_json_and_text_without_importing_torch(tmp_path):
     a = make_run(tmp_path, "a", events=[{"event": "finished", "step": 20}])
-    b = make_run(tmp_path, "b", heartbeat_age=None)
+    b = make_run(tmp_path, "b", heartbeat_age=None, lease=False)
     code = ("import sys, json, io, contextlib; import trainer.tools.status as s\n"
             "buf = io.StringIO()\n"
             f"with contextlib.redirect_stdout(buf): rc = s.main([{a!r}, {b!r}, '--json'])\n"

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tests.runs import losses_by_step, run_training, start_and_kill_after_checkpoint
+from tests.runs import losses_by_step, read_metrics, run_training, start_and_kill_after_checkpoint
 
 STEPS = 10
 
@@ -89,6 +89,54 @@ def test_truncated_checkpoint_is_skipped_and_resume_is_exact(demo_root, two_rank
     proc = run_training(2, _overrides(demo_root, run_dir), ds_config="zero2.json")
     assert "skipping checkpoint" in proc.stderr + proc.stdout
     _assert_same_losses(losses_by_step(two_rank_runs[2]), losses_by_step(run_dir), range(6, STEPS + 1), rel=1e-9)
+
+
+def test_flipped_byte_checkpoint_is_skipped_naming_the_file_and_resume_is_exact(demo_root, two_rank_runs, tmp_path):
+    """Same-length corruption (bit rot) of the newest checkpoint: caught by its checksum at resume, the file and both
+    hashes named, the previous checkpoint used; metrics.jsonl keeps every step exactly once."""
+    from trainer.state.integrity import file_digest
+
+    run_dir = str(tmp_path / "flip")
+    shutil.copytree(two_rank_runs[2], run_dir)
+    newest = os.path.join(run_dir, "checkpoints", "step00000010")
+    victim = max((os.path.join(newest, f) for f in os.listdir(newest) if f.endswith(".pt")), key=os.path.getsize)
+    size = os.path.getsize(victim)
+    recorded = file_digest(victim)
+    with open(victim, "r+b") as f:
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    assert os.path.getsize(victim) == size
+    proc = run_training(2, _overrides(demo_root, run_dir), ds_config="zero2.json")
+    out = proc.stderr + proc.stdout
+    assert f"skipping checkpoint step00000010: {victim} has xxh3_128 {file_digest(victim)}, COMPLETE.json records " \
+           f"{recorded}" in out, out[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step00000005 at step 5" in out
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, STEPS + 1)), steps
+    _assert_same_losses(losses_by_step(two_rank_runs[2]), losses_by_step(run_dir), range(6, STEPS + 1), rel=1e-9)
+
+
+def test_zero3_trained_weights_export_without_unpickling(two_rank_runs, tmp_path, monkeypatch):
+    """--weights model under ZeRO-3 reads the ranks' fp32 partitions (weights_only=True) and equals DeepSpeed's own
+    zero_to_fp32 consolidation, which is the one place that unpickles and is used here only as the reference."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer.state.consolidate import consolidated_weights
+
+    ck = os.path.join(two_rank_runs[3], "checkpoints", "step00000010")
+    reference = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ck), tag=os.path.basename(ck))
+    real_load = torch.load
+
+    def safe_only(*args, **kwargs):
+        assert kwargs.get("weights_only") is True, f"torch.load without weights_only=True: {args[:1]}"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", safe_only)
+    weights, arch = consolidated_weights(ck)
+    assert set(weights) == {k for k in reference if k != "pos_embed"}
+    assert all(torch.equal(weights[k], reference[k].float()) for k in weights)
 
 
 def test_ema_under_zero3_equals_its_formula(demo_root, tmp_path):

@@ -65,11 +65,16 @@ def test_offline_sink_round_trip_and_resume(tmp_path, monkeypatch):
 
     again = make_wandb_sink(cfg, run_dir, _State())  # a resume / requeue: same id, same W&B run
     assert again.run_id == run_id
-    again.log({"step": 4, "loss": 0.1})
+    again.log({"step": 4, "loss": 0.1})  # the eval sent before the resume is not sent again
+    with open(os.path.join(run_dir, "evals.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 4, "fid": 40.0, "num_samples": 16}) + "\n")
+    again.log({"step": 5, "loss": 0.1})  # ...but one recorded after it is
     again.close()
     files = _files(run_dir)
     assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
-    assert [r["_step"] for r in _complete(files[1])["history"]] == [4]
+    history = {r["_step"]: r for r in _complete(files[1])["history"]}
+    assert sorted(history) == [4, 5]
+    assert "eval/fid" not in history[4] and history[5]["eval/fid"] == 40.0 and history[5]["eval/step"] == 4
 
 
 def test_disabled_mode_makes_no_sink(tmp_path):

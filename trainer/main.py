@@ -23,6 +23,9 @@ def parse_args(argv=None):
                    help="DeepSpeed JSON; bare names resolve against configs/ (default zero2.json)")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--validate_only", action="store_true", help="check config, shards and layout, then exit")
+    p.add_argument("--takeover", action="store_true",
+                   help="take run.dir over from the run holding its lease even if that run still heartbeats "
+                        "(it stops writing at its next heartbeat)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     return p.parse_args(argv)
 
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     from trainer.loop.trainer import run_training
 
     device = init_distributed()
-    return run_training(cfg, ds, stages, shard_sets, topo, device)
+    return run_training(cfg, ds, stages, shard_sets, topo, device, takeover=args.takeover)
 
 
 if __name__ == "__main__":

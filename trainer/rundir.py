@@ -21,6 +21,7 @@ METRICS = "metrics.jsonl"           # one record per logged step
 EVENTS = "events.jsonl"             # lifecycle events, alerts, sample images
 EVALS = "evals.jsonl"               # evaluation results (trainer.evaluate, in-training evaluation)
 HEARTBEAT = "heartbeat.json"        # the logging rank's liveness record, rewritten every log.heartbeat_seconds
+LEASE = "lease.json"                # who writes this run directory (trainer/state/lease.py); absent when none
 WANDB_RUN_ID = "wandb_run_id"       # one W&B run per training run, across resumes
 WANDB_STATE = "wandb_state.json"    # what the W&B sink already sent (evaluations), across resumes
 SLURM_JOB_ID = "slurm_job_id"       # written by the Slurm scripts
@@ -67,6 +68,7 @@ EXIT_FAILED = 1             # an unhandled error in a rank (traceback in the log
 EXIT_CONFIG_ERROR = 2       # bad config, DeepSpeed JSON, shard set or layout: nothing started
 EXIT_NAN_STOP = 3           # train.max_nan_steps non-finite steps in a row: stopped with the last good checkpoint
 EXIT_LAUNCH_ERROR = 4       # the launcher could not start the ranks (allocation, health check, launcher missing)
+EXIT_RUN_DIR_BUSY = 5       # another live run holds run.dir (refused at start, or this run's lease was taken over)
 EXIT_PREEMPTED = 75         # checkpointed on USR1/TERM for a requeue (EX_TEMPFAIL)
 
 EXIT_CODES = {
@@ -75,6 +77,7 @@ EXIT_CODES = {
     EXIT_CONFIG_ERROR: "configuration error (nothing was started)",
     EXIT_NAN_STOP: "stopped after non-finite steps (last good checkpoint kept)",
     EXIT_LAUNCH_ERROR: "launch error (ranks not started)",
+    EXIT_RUN_DIR_BUSY: "run directory held by another run",
     EXIT_PREEMPTED: "preempted: checkpointed for requeue",
 }
 
@@ -132,6 +135,32 @@ def read_jsonl(file: str, max_bytes: int = 0) -> list[dict]:
 
 def read_metrics(run_dir: str) -> list[dict]:
     return read_jsonl(metrics_path(run_dir))
+
+
+def truncate_after_step(file: str, step: int) -> int:
+    """Cut a step-ordered JSON-lines file (metrics.jsonl) after the last record with ``step`` <= ``step``.
+
+    Records are appended in step order, so everything past the first record beyond ``step`` is later too; the
+    file is truncated in place at that byte offset (a torn last line goes as well). Returns the records dropped.
+    """
+    if not os.path.exists(file):
+        return 0
+    offset, cut, dropped = 0, None, 0
+    with open(file, "rb") as f:
+        for line in f:
+            try:
+                record_step = json.loads(line).get("step")
+            except ValueError:
+                record_step = None  # a torn line: only ever the last one
+            if cut is None and (record_step is None and not line.endswith(b"\n") or
+                                isinstance(record_step, (int, float)) and record_step > step):
+                cut = offset
+            if cut is not None:
+                dropped += 1
+            offset += len(line)
+    if cut is not None:
+        os.truncate(file, cut)
+    return dropped
 
 
 def latest_tag(run_dir: str) -> Optional[str]:

@@ -29,6 +29,7 @@ class RunSection:
     dir: str = "runs/default"
     seed: int = 0
     name: str = ""
+    lease_timeout_minutes: float = 5.0  # a lease holder silent this long is presumed dead and taken over
 
 
 @dataclass
@@ -117,7 +118,7 @@ class LogSection:
     sample_every: int = 0  # 0 = only at the end of training
     wandb: WandbSection = field(default_factory=WandbSection)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU table by device name, or a measured matmul on CPU
-    stall_minutes: float = 30.0  # no optimizer step for this long -> stall alert (0 = no watchdog)
+    stall_minutes: float = 30.0  # no optimizer step for this long -> stall alert (0 = no alert; heartbeat still written)
     heartbeat_seconds: float = 30.0  # how often the logging rank rewrites run.dir/heartbeat.json
     spike_factor: float = 3.0  # loss above factor x its running median -> loss-spike alert (0 = off)
 

@@ -12,9 +12,10 @@ from trainer.config.stages import Stage, resolve_stages
 from trainer.config.topology import Topology
 
 POSITIVE = ("train.max_steps", "train.global_batch", "train.micro_batch", "log.every", "checkpoint.every",
-            "checkpoint.keep_last", "sample.per_class", "sample.steps", "train.ema_every")
+            "checkpoint.keep_last", "sample.per_class", "sample.steps", "train.ema_every", "run.lease_timeout_minutes",
+            "log.heartbeat_seconds")
 NON_NEGATIVE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-                "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes")
+                "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes", "log.stall_minutes")
 
 
 def validate_values(cfg: RunConfig) -> None:
@@ -37,6 +38,9 @@ def validate_values(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'model.moe.num_experts' must be >= 0, got {moe.num_experts}")
     if moe.num_experts > 0 and not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"config key 'model.moe.top_k' must be in [1, model.moe.num_experts={moe.num_experts}], got {moe.top_k}")
+    if cfg.run.lease_timeout_minutes * 60 < 2 * cfg.log.heartbeat_seconds:
+        raise ConfigError(f"config key 'run.lease_timeout_minutes'={cfg.run.lease_timeout_minutes} must be at least two "
+                          f"heartbeats (log.heartbeat_seconds={cfg.log.heartbeat_seconds}), or a live run would look dead")
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' is not set")
     if cfg.objective.kind == "flow" and cfg.sample.method in ("ddim", "ddpm"):

@@ -137,10 +137,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank raised the flag (preemption, stop request)."""
+def all_reduce_max_flags(flags: list, device: torch.device) -> list[bool]:
+    """Each flag True on every rank if any rank raised it (preemption, lease lost, stop request): one collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]

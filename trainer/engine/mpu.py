@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from trainer.engine.topology import Coords, Topology
+from trainer.config.topology import Coords, Topology
 
 
 class ModelParallelUnit:

@@ -67,9 +67,18 @@ class ParallelEngine:
                 "tensors": tensors}
 
     def save_extra(self, tmp_path: str) -> None:
-        """Checkpoint hook (every rank): data-rank-0 ranks write their weight slices for export."""
+        """Checkpoint hook (every rank): the trained weights in a form export reads without unpickling.
+
+        Model-parallel layouts: data-rank-0 ranks write their slices under official names. ZeRO-3 keeps no full
+        weights anywhere: every rank writes its fp32 partition of each parameter, which trainer/state/consolidate.py
+        concatenates like the EMA's, instead of DeepSpeed's zero_to_fp32 (which unpickles its optimizer files)."""
         if self.model_parallel and self.coords.data == 0:
             torch.save(self.local_weights(), os.path.join(tmp_path, f"model_rank{dist.get_rank():05d}.pt"))
+        elif not self.model_parallel and self.engine.zero_optimization_stage() == 3:
+            tensors = {n: p.ds_tensor.detach().float().clone()
+                       for n, p in self.engine.module.named_parameters() if p.requires_grad}
+            torch.save({"sharded": True, "tensors": tensors},
+                       os.path.join(tmp_path, f"weights_rank{dist.get_rank():05d}.pt"))
 
 
 def _identity_name_map(module) -> dict:

@@ -22,7 +22,7 @@ from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
 from trainer.engine.optimizer import optimizer_config, param_groups
 from trainer.loop.data import load_vae, make_loader
-from trainer.engine.distributed import all_reduce_max_flag, barrier, shutdown
+from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
 from trainer.engine.lr_schedule import StageLRScheduler
 from trainer.monitor.metrics import JsonlSink, Metrics, NullSink
 from trainer.config.model import architecture
@@ -30,7 +30,9 @@ from trainer.engine.objective import build_objective_from_config
 from trainer.monitor.monitor import Monitor
 from trainer.loop.preemption import PreemptionFlag
 from trainer import rundir
-from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED
+from trainer.loop.ownership import rewind_metrics, take_run_dir
+from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
+from trainer.state.lease import RunDirBusy
 from trainer.loop.seeding import rng_state, seed_everything, set_rng_state, step_generator
 from trainer.config.stages import Stage
 from trainer.config.topology import Topology
@@ -43,7 +45,7 @@ def log0(msg: str) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ds: dict, stages: list[Stage], shard_sets: list[ShardSet], topo: Topology,
-                 device: torch.device):
+                 device: torch.device, takeover: bool = False):
         self.cfg, self.ds, self.stages, self.shard_sets, self.topo, self.device = cfg, ds, stages, shard_sets, topo, device
         self.rank = dist.get_rank()
         self.run_dir = cfg.run.dir
@@ -55,6 +57,9 @@ class Trainer:
         self.steps_since_log = 0
         self.samples_since_log = 0
         self.data_time = 0.0
+        self.takeover = takeover
+        self.lease, self.lease_taken, self.lease_lost = None, None, False
+        self.skipped_checkpoints: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -66,6 +71,9 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        # One writer per run directory: decided before anything is built or written (trainer/state/lease.py).
+        self.lease, self.lease_taken = take_run_dir(self.run_dir, cfg.run.lease_timeout_minutes * 60, self.takeover,
+                                                    self.rank)
         first = self.shard_sets[0]
         channels, size, _ = first.latent_shape
         self.arch = architecture(cfg, in_channels=channels, input_size=size, num_classes=first.num_classes)
@@ -101,6 +109,15 @@ class Trainer:
         barrier()
         self._resume_or_init()
         self.metrics = self._build_metrics()
+        for skipped in self.skipped_checkpoints:
+            self.metrics.event({"event": "checkpoint_rejected", "checkpoint": skipped["checkpoint"],
+                                "problem": skipped["problem"]})
+            self.metrics.alert("corrupt checkpoint skipped", skipped["problem"], "WARN")
+        if self.lease_taken:
+            previous = self.lease_taken["previous"]
+            self.metrics.event({"event": "lease_takeover", "step": self.state.step, "reason": self.lease_taken["reason"],
+                                "previous": {k: previous.get(k) for k in ("host", "pid", "slurm_job_id",
+                                                                          "slurm_restart", "started")}})
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
 
     def _build_metrics(self) -> Metrics:
@@ -115,11 +132,9 @@ class Trainer:
         return Metrics(sinks)
 
     def _resume_or_init(self) -> None:
-        path = ckpt.find_resumable(self.ckpt_dir) if self.rank == 0 else None
-        if dist.get_world_size() > 1:
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
+        # Newest checkpoint whose every file matches its checksum, hashed in parallel over the ranks; corrupt or
+        # incomplete newer ones are skipped with the file named (and reported in events.jsonl below).
+        path, self.skipped_checkpoints = ckpt.find_verified(self.ckpt_dir)
         if path is not None:
             saved = ckpt.read_trainer_state(path)
             ckpt.check_model_config(saved.model_config, self.arch)
@@ -136,7 +151,7 @@ class Trainer:
             log0(f"resumed from {path} at step {saved.step} (stage {saved.stage})")
         elif self.cfg.checkpoint.init_from:
             src = self.cfg.checkpoint.init_from.rstrip("/")
-            problem = ckpt.verify_checkpoint(src)
+            problem = ckpt.verify_checkpoint(src, deep=True)
             if problem:
                 raise RuntimeError(f"checkpoint.init_from: {problem}")
             self.engine.load_checkpoint(os.path.dirname(src), tag=os.path.basename(src), load_module_only=True,
@@ -144,6 +159,8 @@ class Trainer:
             self.ema.copy_from_model()
             log0(f"initialised weights from {src} (optimizer and step start fresh)")
         self.state.model_config = self.arch.to_dict()
+        if self.rank == 0:
+            rewind_metrics(self.run_dir, self.state.step)
 
     def _stage_for_state(self, state: ckpt.TrainerState) -> Stage:
         return self.stages[min(state.stage, len(self.stages) - 1)]
@@ -338,7 +355,11 @@ class Trainer:
                     saved = True
                 if stage.sample_every and step % stage.sample_every == 0 and step != self.stages[-1].end_step:
                     self.sample(stage)
-                if all_reduce_max_flag(self.preempt.requested, self.device):
+                preempted, lease_lost = all_reduce_max_flags([self.preempt.requested, self.lease_lost], self.device)
+                if lease_lost:  # another launch owns run.dir now: write nothing more, not even a checkpoint
+                    log0(f"run directory {self.run_dir} was taken over by another launch; stopping without writing")
+                    return EXIT_RUN_DIR_BUSY
+                if preempted:
                     if not saved:
                         self.save()
                     log0(f"preempted ({self.preempt.signal_name or 'signal on another rank'}) at step {step}; "
@@ -369,18 +390,28 @@ def _as_float(v) -> float:
     return float(v.item() if hasattr(v, "item") else v)
 
 
-def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device) -> int:
-    trainer = Trainer(cfg, ds, stages, shard_sets, topo, device)
-    trainer.setup()
+def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device, takeover: bool = False) -> int:
+    trainer = Trainer(cfg, ds, stages, shard_sets, topo, device, takeover=takeover)
     try:
+        try:
+            trainer.setup()
+        except RunDirBusy as exc:  # raised on every rank together, before anything was written
+            if trainer.rank == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            shutdown()
+            return EXIT_RUN_DIR_BUSY
         code = trainer.train()
-        shutdown()  # every exit code of train() is reached by all ranks together (finished, preempted, NaN stop)
+        if trainer.lease is not None and code != EXIT_RUN_DIR_BUSY:
+            trainer.lease.release()  # a clean end (finished, preempted, NaN stop): the next launch need not wait
+        shutdown()  # every exit code of train() is reached by all ranks together
         return code
     except Exception as exc:
         monitor = getattr(trainer, "monitor", None)
         if monitor is not None:  # an 'error' event and alert for the status tool, then the real traceback
             monitor.error(exc)
             monitor.close("crashed")
+        if trainer.lease is not None and not trainer.lease_lost:
+            trainer.lease.release()
         raise
     finally:
         trainer.preempt.restore()

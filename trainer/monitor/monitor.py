@@ -12,6 +12,7 @@ in watchdog.py, test hooks in faults.py.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 import traceback
@@ -57,15 +58,20 @@ class Monitor:
                 self.peak_source = f"unavailable ({exc})"
             print(f"[monitor] peak {self.peak:.3f} TFLOP/s per device ({self.peak_source})", flush=True)
             self.tr.metrics.event({"event": "started", "step": self.tr.state.step, "pid": os.getpid(),
+                                   "host": socket.gethostname(),
                                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                                    "peak_tflops": self.peak, "peak_source": self.peak_source})
-            if cfg.log.stall_minutes > 0:
-                stall = cfg.log.stall_minutes * 60
-                self.watchdog = Watchdog(self.tr.run_dir, stall, min(cfg.log.heartbeat_seconds, stall / 4),
-                                         self.tr.metrics.alert)
-                self.watchdog.step = self.tr.state.step
-                self.watchdog.start()
+            # The heartbeat is always written (status and the lease rely on it); the stall alert is optional.
+            stall = cfg.log.stall_minutes * 60
+            interval = cfg.log.heartbeat_seconds if stall <= 0 else min(cfg.log.heartbeat_seconds, stall / 4)
+            self.watchdog = Watchdog(self.tr.run_dir, stall, interval, self.tr.metrics.alert, lease=self.tr.lease,
+                                     on_lease_lost=self._lease_lost)
+            self.watchdog.step = self.tr.state.step
+            self.watchdog.start()
         return self
+
+    def _lease_lost(self) -> None:
+        self.tr.lease_lost = True  # read by the loop at the next step boundary (agreed across ranks there)
 
     # ------------------------------------------------------------------ micro-steps
     def inject_fault(self, loss: torch.Tensor, micro: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ import struct
 import sys
 
 from trainer.config.schema import RunConfig, config_to_dict
-from trainer.rundir import DS_CONFIG, WANDB_RUN_ID as RUN_ID_FILE, atomic_write_text, evals_path, read_jsonl
+from trainer.rundir import (DS_CONFIG, WANDB_RUN_ID as RUN_ID_FILE, WANDB_STATE, atomic_write_text, evals_path, read_json,
+                            read_jsonl)
 
 SECRET_KEY_RE = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
 
@@ -86,14 +87,19 @@ class WandbSink:
         self.run.define_metric("eval/step")
         self.run.define_metric("eval/*", step_metric="eval/step")
         self.evals_path = evals_path(run_dir)
-        self._evals_seen = 0
+        # How many evals.jsonl records were already sent, kept in the run dir so a resumed run does not re-send.
+        self.state_path = os.path.join(run_dir, WANDB_STATE)
+        self._evals_seen = int((read_json(self.state_path) or {}).get("evals_sent", 0))
 
     def log(self, record: dict) -> None:
         step = record.get("step")
         data = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
                 and not isinstance(v, bool)}
+        before = self._evals_seen
         data.update(self._new_evals())
         self.run.log(data, step=step)
+        if self._evals_seen != before:  # recorded after the send: at most a crash's worth is sent twice
+            atomic_write_text(self.state_path, json.dumps({"evals_sent": self._evals_seen}), fsync=False)
 
     def _new_evals(self) -> dict:
         """Evaluation records appended by ``trainer.evaluate`` since the last call (latest wins)."""

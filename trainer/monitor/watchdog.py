@@ -29,13 +29,17 @@ class Watchdog:
 
     The loop calls ``beat(step)`` after every optimizer step. A daemon thread calls ``check`` every
     ``interval`` seconds: it rewrites ``run.dir/heartbeat.json`` (so a dead process is told apart from
-    a slow one by the heartbeat's age) and raises one ``stall`` alert when no step came for
-    ``stall_seconds``, and an INFO alert when steps resume. ``check(now)`` takes the time as an
-    argument so tests drive it without sleeping.
+    a slow one by the heartbeat's age; always, whether or not the stall alert is on) and, with
+    ``stall_seconds`` > 0, raises one ``stall`` alert when no step came for that long, and an INFO alert
+    when steps resume. ``check(now)`` takes the time as an argument so tests drive it without sleeping.
+
+    With a ``lease`` (trainer/state/lease.py) every heartbeat carries its token, and the lease is checked
+    first: once another launch has taken it over, no heartbeat is written any more and ``on_lease_lost``
+    is called once (the loop then ends the run without writing).
     """
 
     def __init__(self, run_dir: str, stall_seconds: float, interval: float, alert: Callable[[str, str, str], None],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, lease=None, on_lease_lost: Optional[Callable[[], None]] = None):
         self.run_dir = run_dir
         self.stall_seconds = stall_seconds
         self.interval = max(0.05, interval)
@@ -46,6 +50,9 @@ class Watchdog:
         self.started = self.last_step_time
         self.stalled = False
         self.state = "running"
+        self.lease = lease
+        self.on_lease_lost = on_lease_lost
+        self.lease_lost = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -61,6 +68,14 @@ class Watchdog:
     def check(self, now: Optional[float] = None) -> bool:
         """Write the heartbeat; alert once per stall. True while stalled."""
         now = self.clock() if now is None else now
+        if self.lease is not None and not self.lease_lost and not self.lease.still_ours():
+            self.lease_lost = True
+            self.alert("lease lost", f"another launch took over {self.run_dir}; this run stops writing and exits",
+                       "ERROR")
+            if self.on_lease_lost is not None:
+                self.on_lease_lost()
+        if self.lease_lost:
+            return self.stalled
         with self._lock:
             idle = now - self.last_step_time
             newly = self.state == "running" and 0 < self.stall_seconds < idle and not self.stalled
@@ -68,7 +83,8 @@ class Watchdog:
                 self.stalled = True
             record = {"time": now, "step": self.step, "last_step_time": self.last_step_time,
                       "stalled": self.stalled, "state": self.state, "pid": os.getpid(),
-                      "host": socket.gethostname(), "stall_seconds": self.stall_seconds}
+                      "host": socket.gethostname(), "rank": 0, "stall_seconds": self.stall_seconds,
+                      "lease_token": self.lease.token if self.lease is not None else ""}
         write_heartbeat(self.run_dir, record)
         if newly:
             self.alert("stall", f"no optimizer step for {idle / 60:.1f} min (last completed step {self.step}; "

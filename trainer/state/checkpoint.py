@@ -7,12 +7,15 @@ Layout under ``run.dir/checkpoints/``::
         ema.pt | ema_rank00001.pt ...   EMA (full, or per-rank shards under ZeRO-3)
         trainer_state.json              step, stage, data position, model config
         rng_rank00000.pt ...            RNG states per rank
-        COMPLETE.json                   file list with byte sizes, written last before the rename
+        COMPLETE.json                   file list with byte sizes and xxh3-128 checksums, written last
     latest                              text file naming the newest published tag, replaced atomically
     .tmp-step00002000/                  a save in progress: never picked up
 
 A half-written checkpoint is never picked up: it either still has its temporary name, or lacks
-COMPLETE.json, or has a file whose size differs from COMPLETE.json (truncated after the fact).
+COMPLETE.json, or has a file whose size differs from COMPLETE.json (truncated after the fact). A published one
+whose bytes changed later (bit rot, an overwrite of the same length) fails its xxh3-128 checksum
+(trainer/state/integrity.py): the checksums are computed from the files as written, read back in parallel over
+the ranks, before the rename and before ``latest`` moves, and every file is re-hashed at resume.
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from models.args import DiTArgs
-from trainer.rundir import CHECKPOINT_COMPLETE, LATEST, atomic_write_text
+from trainer.state import integrity
+from trainer.rundir import LATEST, atomic_write_text
 from trainer.engine.distributed import barrier, rank as current_rank
 
 TAG_RE = re.compile(r"^step(\d{8})$")
-COMPLETE = CHECKPOINT_COMPLETE
 
 
 def tag_for_step(step: int) -> str:
@@ -42,35 +46,35 @@ def _warn(msg: str) -> None:
     print(f"[checkpoint] WARNING: {msg}", file=sys.stderr, flush=True)
 
 
-def _file_sizes(root: str) -> dict:
-    sizes = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if name == COMPLETE:
-                continue
-            full = os.path.join(dirpath, name)
-            sizes[os.path.relpath(full, root)] = os.path.getsize(full)
-    return sizes
+def verify_checkpoint(path: str, deep: bool = False) -> Optional[str]:
+    """None when ``path`` is a complete checkpoint, else the reason it is not.
+
+    Shallow: every recorded file present with its recorded size. ``deep``: every file re-hashed against its
+    checksum too (one read of the checkpoint, in this process)."""
+    problem = integrity.check_sizes(path)
+    if problem is None and deep:
+        problems = integrity.check_hashes(path)
+        problem = problems[0] if problems else None
+    return problem
 
 
-def verify_checkpoint(path: str) -> Optional[str]:
-    """None when ``path`` is a complete checkpoint, else the reason it is not."""
-    marker = os.path.join(path, COMPLETE)
-    if not os.path.isfile(marker):
-        return f"{path} has no {COMPLETE} (save did not finish)"
-    try:
-        with open(marker) as f:
-            expected = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        return f"{marker} is unreadable: {exc}"
-    for rel, size in expected.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            return f"{full} is missing"
-        actual = os.path.getsize(full)
-        if actual != size:
-            return f"{full} has {actual} bytes, expected {size} (truncated or overwritten)"
-    return None
+def _hash_share(path: str, sizes: dict, deep_check: bool) -> dict:
+    """Collective: this rank's share of ``path``'s files hashed (``deep_check``: compared with COMPLETE.json);
+    rank 0 gets every rank's result merged: ``{"digests": {rel: hex}, "problems": [...]}``."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = integrity.assign(sizes, world)[current_rank()]
+    if deep_check:
+        result = {"digests": {}, "problems": integrity.check_hashes(path, mine)}
+    else:
+        result = {"digests": {rel: integrity.file_digest(os.path.join(path, rel)) for rel in mine}, "problems": []}
+    if world == 1:
+        return result
+    parts = [None] * world if current_rank() == 0 else None
+    dist.gather_object(result, parts, dst=0)
+    if current_rank() != 0:
+        return {}
+    return {"digests": {k: v for p in parts for k, v in p["digests"].items()},
+            "problems": [x for p in parts for x in p["problems"]]}
 
 
 def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
@@ -85,14 +89,46 @@ def list_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def find_resumable(ckpt_dir: str) -> Optional[str]:
-    """The newest complete checkpoint; incomplete or corrupt ones are skipped with a warning."""
+def find_resumable(ckpt_dir: str, deep: bool = True) -> Optional[str]:
+    """The newest complete checkpoint whose files match their checksums (one process reads them all; the trainer
+    uses the collective ``find_verified``); incomplete or corrupt ones are skipped with a warning."""
     for _, path in list_checkpoints(ckpt_dir):
-        problem = verify_checkpoint(path)
+        problem = verify_checkpoint(path, deep=deep)
         if problem is None:
             return path
         _warn(f"skipping checkpoint: {problem}")
     return None
+
+
+def find_verified(ckpt_dir: str) -> tuple[Optional[str], list[dict]]:
+    """Collective: the newest checkpoint that is complete and whose every file matches its checksum, hashed in
+    parallel (each rank reads about 1/world of it). Returns (path or None, [{"checkpoint", "problem"}] skipped)."""
+    skipped = []
+    candidates = [p for _, p in list_checkpoints(ckpt_dir)] if current_rank() == 0 else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
+    for path in candidates:
+        problem = integrity.check_sizes(path) if current_rank() == 0 else None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is None:
+            sizes = {rel: meta["size"] for rel, meta in integrity.read_manifest(path)[0].items()}
+            found = _hash_share(path, sizes, deep_check=True).get("problems", [])
+            problem = found[0] if found else None
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                box = [problem]
+                dist.broadcast_object_list(box, src=0)
+                problem = box[0]
+        if problem is None:
+            return path, skipped
+        if current_rank() == 0:
+            _warn(f"skipping checkpoint {os.path.basename(path)}: {problem}")
+        skipped.append({"checkpoint": path, "problem": problem})
+    return None, skipped
 
 
 @dataclass
@@ -159,9 +195,20 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
     if extra_save is not None:
         extra_save(tmp_path)
     barrier()
+    sizes = None
     if rank == 0:
         atomic_write_text(os.path.join(tmp_path, "trainer_state.json"), json.dumps(state.to_json(), indent=2))
-        atomic_write_text(os.path.join(tmp_path, COMPLETE), json.dumps({"files": _file_sizes(tmp_path)}, indent=1))
+        sizes = integrity.list_files(tmp_path)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [sizes]
+        dist.broadcast_object_list(box, src=0)
+        sizes = box[0]
+    hashed = _hash_share(tmp_path, sizes, deep_check=False)  # every byte read back once, split over the ranks
+    if rank == 0:
+        integrity.write_manifest(tmp_path, sizes, hashed["digests"])
+        problem = integrity.check_sizes(tmp_path)  # nothing changed while it was being hashed
+        if problem:
+            raise RuntimeError(f"checkpoint {tmp_path} failed verification before publishing: {problem}")
         if os.path.exists(final_path):  # a re-save of the same step (e.g. preemption right after a save)
             shutil.rmtree(final_path)
         os.rename(tmp_path, final_path)

@@ -61,6 +61,19 @@ def checkpoint_args(checkpoint: str) -> DiTArgs:
     return DiTArgs.from_dict(read_trainer_state(checkpoint).model_config)
 
 
+def _concat_partitions(parts: list[dict], arch: DiTArgs) -> dict:
+    """ZeRO-3 per-rank partitions (rank order) → full tensors: each parameter was split into ceil(numel / world)
+    chunks, so concatenating the ranks' chunks and trimming to numel restores it."""
+    shapes = _model_shapes(arch)
+    out = {}
+    for name, shape in shapes.items():
+        if name not in parts[0]["tensors"]:
+            continue
+        flat = torch.cat([p["tensors"][name].reshape(-1) for p in parts])[:_numel(shape)]
+        out[name] = flat.view(shape).clone()
+    return out
+
+
 def consolidated_ema(checkpoint: str) -> tuple[dict, DiTArgs]:
     """(state dict of EMA weights with official keys, the model's DiTArgs) from a checkpoint dir."""
     arch = checkpoint_args(checkpoint)
@@ -83,17 +96,7 @@ def consolidated_ema(checkpoint: str) -> tuple[dict, DiTArgs]:
         for p in parts:
             out.update(p["tensors"])
         return out, arch
-    shapes = _model_shapes(arch)
-    out = {}
-    for name, shape in shapes.items():
-        if name not in parts[0]["tensors"]:
-            continue
-        numel = 1
-        for d in shape:
-            numel *= d
-        flat = torch.cat([p["tensors"][name].reshape(-1) for p in parts])[:numel]
-        out[name] = flat.view(shape).clone()
-    return out, arch
+    return _concat_partitions(parts, arch), arch
 
 
 def model_from_ema(tensors: dict, arch: DiTArgs, device="cpu", source: str = "the run"):
@@ -119,7 +122,8 @@ def consolidated_weights(checkpoint: str) -> tuple[dict, DiTArgs]:
     """(trained, non-EMA weights under official names, the model's DiTArgs) from any layout's checkpoint.
 
     Tensor/pipeline/expert-parallel layouts: the ``model_rank*.pt`` slices (trainer/engine/parallelize.py);
-    data parallel: DeepSpeed's ``mp_rank_00_model_states.pt``, or its ZeRO-3 partitions via zero_to_fp32.
+    ZeRO-3: the ``weights_rank*.pt`` partitions; ZeRO-0/1/2: DeepSpeed's ``mp_rank_00_model_states.pt``. Everything is
+    read with ``weights_only=True``: nothing from a run directory is unpickled.
     """
     arch = checkpoint_args(checkpoint)
     slices = sorted(glob.glob(os.path.join(checkpoint, "model_rank*.pt")))
@@ -127,13 +131,16 @@ def consolidated_weights(checkpoint: str) -> tuple[dict, DiTArgs]:
         from trainer.state.parallel_ema import merge_states
 
         return merge_states([torch.load(s, map_location="cpu", weights_only=True) for s in slices]), arch
+    partitions = sorted(glob.glob(os.path.join(checkpoint, "weights_rank*.pt")))
+    if partitions:  # ZeRO-3: every rank's fp32 partition (trainer/engine/parallelize.py save_extra)
+        module = _concat_partitions([torch.load(s, map_location="cpu", weights_only=True) for s in partitions], arch)
+    else:  # ZeRO-0/1/2: DeepSpeed's model file holds the full weights; tensors and plain types only
+        states = os.path.join(checkpoint, "mp_rank_00_model_states.pt")
+        if not os.path.exists(states):
+            raise FileNotFoundError(f"{checkpoint} holds no trained weights (model_rank*.pt, weights_rank*.pt or "
+                                    "mp_rank_00_model_states.pt); --weights ema works from the EMA files")
+        module = torch.load(states, map_location="cpu", weights_only=True)["module"]
     shapes = _model_shapes(arch)
-    states = os.path.join(checkpoint, "mp_rank_00_model_states.pt")
-    module = torch.load(states, map_location="cpu", weights_only=False).get("module") if os.path.exists(states) else None
-    if not module or any(n in module and module[n].numel() != _numel(s) for n, s in shapes.items()):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        module = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(checkpoint), tag=os.path.basename(checkpoint))
     return {n: v.float().clone() for n, v in module.items() if n in shapes and n != "pos_embed"}, arch  # fixed table
 
 

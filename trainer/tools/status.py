@@ -4,14 +4,19 @@ One glance per run, from the run directory alone (works on a login node: no torc
 state, stage and resolution, step/total, loss and its trend, samples/s, MFU, ETA, last checkpoint and
 its age, heartbeat age, alerts, latest FID, Slurm job state.
 
-State (``state``):
-  finished   a ``finished`` event after the last ``started`` event (events.jsonl)
-  crashed    an ``error`` event (exception, NaN stop), or no heartbeat for ``stall_minutes``
-             (the process is gone), or nothing ever written
-  preempted  the last heartbeat says the run checkpointed for a requeue (and it is not running again)
-  stalled    heartbeat fresh but no optimizer step for ``stall_minutes`` (the watchdog's flag)
-  running    otherwise
+State (``state``), from the files alone (events.jsonl, heartbeat.json, lease.json; trainer/rundir.py):
+  finished   a ``finished`` event after the last ``started`` event
+  crashed    an ``error`` event (exception, NaN stop); or the lease holder died without a clean exit (its pid
+             is gone on this host, or it has not heartbeaten for ``run.lease_timeout_minutes``); or the run
+             ended without an end record; or nothing was ever written
+  preempted  the run checkpointed for a requeue and released the run directory
+  starting   the lease is taken but the first heartbeat is not written yet (engine build, resume)
+  stalled    heartbeat fresh but no optimizer step for ``log.stall_minutes`` (0: never stalled)
+  running    the lease holder heartbeats
 ``stall_minutes`` is the run's ``log.stall_minutes`` (config.yaml) unless ``--stall-minutes`` is given.
+``writer`` names the host and pid that last wrote (the lease holder, else the last heartbeat); the newest
+checkpoint's ``verified`` says whether its files match the sizes (and, with ``--verify``, the xxh3-128
+checksums) in its COMPLETE.json; checkpoints the trainer rejected at resume are listed.
 """
 from __future__ import annotations
 
@@ -19,16 +24,20 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from typing import Optional
 
-from trainer.rundir import (CHECKPOINT_COMPLETE, CONFIG, LATEST, LAUNCH_HISTORY, SLURM_JOB_ID, checkpoints_dir, evals_path,
+from trainer.rundir import (CHECKPOINT_COMPLETE, CONFIG, LATEST, LEASE, LAUNCH_HISTORY, SLURM_JOB_ID, checkpoints_dir, evals_path,
                             events_path, heartbeat_path, launch_dir, metrics_path, read_json, read_jsonl)
+from trainer.state.integrity import check_hashes, check_sizes, has_checksums
+from trainer.state.lease import last_beat, pid_alive
 
 SPARK = "▁▂▃▄▅▆▇█"
 DEFAULT_STALL_MINUTES = 30.0
+DEFAULT_LEASE_TIMEOUT_MINUTES = 5.0
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -138,7 +147,7 @@ def slurm_state(job_id: Optional[str]) -> str:
     return state[0] if state else "not in queue"
 
 
-def last_checkpoint(run_dir: str, now: float) -> dict:
+def last_checkpoint(run_dir: str, now: float, deep: bool = False) -> dict:
     ck = checkpoints_dir(run_dir)
     latest = os.path.join(ck, LATEST)
     if not os.path.exists(latest):
@@ -148,16 +157,25 @@ def last_checkpoint(run_dir: str, now: float) -> dict:
     marker = os.path.join(ck, tag, CHECKPOINT_COMPLETE)
     mtime = os.path.getmtime(marker) if os.path.exists(marker) else os.path.getmtime(latest)
     step = int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
-    return {"tag": tag, "step": step, "age_sec": now - mtime, "complete": os.path.exists(marker)}
+    path = os.path.join(ck, tag)
+    problem = check_sizes(path)
+    if problem is None and deep:
+        problems = check_hashes(path)
+        problem = problems[0] if problems else None
+    return {"tag": tag, "step": step, "age_sec": now - mtime, "complete": os.path.exists(marker),
+            "checksums": has_checksums(path), "verified": problem is None,
+            "verified_how": ("checksums re-hashed" if deep else "sizes (use --verify to re-hash)"),
+            "problem": problem}
 
 
 def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optional[float] = None,
-               query_slurm: bool = True) -> dict:
+               query_slurm: bool = True, verify: bool = False) -> dict:
     now = time.time() if now is None else now
     cfg = _read_config(run_dir)
     log_cfg = cfg.get("log") or {}
-    if stall_minutes is None:
-        stall_minutes = float(log_cfg.get("stall_minutes") or DEFAULT_STALL_MINUTES)
+    run_cfg = cfg.get("run") or {}
+    if stall_minutes is None:  # 0 means the stall alert is off: never "stalled"
+        stall_minutes = float(log_cfg.get("stall_minutes", DEFAULT_STALL_MINUTES))
     stall = stall_minutes * 60
     records = [r for r in read_jsonl(metrics_path(run_dir), max_bytes=TAIL_BYTES) if "step" in r]
     events = read_jsonl(events_path(run_dir))
@@ -178,20 +196,36 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
     idle = now - last_step_time if last_step_time is not None else None
 
     flags = []
+    holder = read_json(os.path.join(run_dir, LEASE))
+    writer = holder or heartbeat or {}
+    where = f"host {writer.get('host', '?')} pid {writer.get('pid', '?')}"
+    lease_timeout = 60 * float(run_cfg.get("lease_timeout_minutes", DEFAULT_LEASE_TIMEOUT_MINUTES))
+    holder_dead = None
+    if holder is not None:
+        if holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid", -1), holder.get("pid_start")):
+            holder_dead = f"its process ({where}) is gone"
+        elif now - last_beat(run_dir, holder) > lease_timeout:
+            holder_dead = f"no heartbeat for {format_duration(now - last_beat(run_dir, holder))} from {where}"
     if finished:
         state, reason = "finished", "finished event"
     elif errors:
         state, reason = "crashed", f"{errors[-1].get('kind', 'error')}: {str(errors[-1].get('message', ''))[:200]}"
+    elif heartbeat is not None and heartbeat.get("state") == "preempted" and holder is None:
+        state, reason = "preempted", f"checkpointed for requeue ({where})"
+    elif holder_dead:
+        state, reason = "crashed", f"lease holder died without a clean exit: {holder_dead}"
+    elif holder is not None and heartbeat is None:
+        state, reason = "starting", f"lease taken by {where}; building the engine / resuming"
     elif heartbeat is None:
         state, reason = "crashed", "no heartbeat file (never started, or died before training)"
-    elif heartbeat.get("state") == "preempted" and (hb_age is None or hb_age > min(stall, 120)):
-        state, reason = "preempted", "checkpointed for requeue"
-    elif hb_age is not None and hb_age > stall:
-        state, reason = "crashed", f"no heartbeat for {format_duration(hb_age)} (process gone)"
-    elif heartbeat.get("stalled") or (idle is not None and idle > stall):
-        state, reason = "stalled", f"no step for {format_duration(idle)}"
-    else:
+    elif holder is None and heartbeat.get("state") == "running":
+        state, reason = "crashed", f"the run ({where}) ended without a clean exit (no lease, no end event)"
+    elif 0 < stall and (heartbeat.get("stalled") or (idle is not None and idle > stall)):
+        state, reason = "stalled", f"no step for {format_duration(idle)} ({where})"
+    elif holder is not None:
         state, reason = "running", ""
+    else:
+        state, reason = heartbeat.get("state") or "stopped", f"last written by {where}"
     if state == "stalled":
         flags.append("STALL")
     titles = {a.get("title") for a in alerts}
@@ -230,7 +264,11 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         "mfu": _num(last.get("mfu")),
         "eta_sec": eta,
         "skipped_steps": _num(last.get("skipped_steps")),
-        "last_checkpoint": last_checkpoint(run_dir, now),
+        "last_checkpoint": last_checkpoint(run_dir, now, deep=verify),
+        "rejected_checkpoints": [{"checkpoint": e.get("checkpoint"), "problem": e.get("problem"), "time": e.get("time")}
+                                 for e in events if e.get("event") == "checkpoint_rejected"][-5:],
+        "writer": {k: writer.get(k) for k in ("host", "pid", "rank", "slurm_job_id", "slurm_restart") if k in writer},
+        "lease": {k: holder.get(k) for k in ("host", "pid", "slurm_job_id", "slurm_restart", "started")} if holder else None,
         "heartbeat_age_sec": hb_age,
         "seconds_since_step": idle,
         "alerts": [{"title": a.get("title"), "text": a.get("text"), "level": a.get("level"), "time": a.get("time")}
@@ -252,7 +290,11 @@ def format_status(s: dict) -> str:
     total = s["total_steps"]
     pct = f" ({100 * s['step'] / total:.1f}%)" if total else ""
     ck = s["last_checkpoint"]
-    ck_text = f"{ck['tag']} ({format_duration(ck['age_sec'])} ago)" if ck["tag"] else "none"
+    ck_text = "none"
+    if ck["tag"]:
+        check = "verified" if ck["verified"] else f"FAILED VERIFICATION: {ck['problem']}"
+        ck_text = (f"{ck['tag']} ({format_duration(ck['age_sec'])} ago) {check} by {ck['verified_how']}"
+                   f"{'' if ck['checksums'] else ', written without checksums'}")
     flags = (" " + " ".join(f"!{f}" for f in s["flags"])) if s["flags"] else ""
     lines = [
         f"{s['name']}  [{s['state'].upper()}]{flags}  {s['run_dir']}",
@@ -264,6 +306,13 @@ def format_status(s: dict) -> str:
         f"  last checkpoint {ck_text}  heartbeat {format_duration(s['heartbeat_age_sec'])} ago"
         f"  last step {format_duration(s['seconds_since_step'])} ago",
     ]
+    w = s["writer"]
+    if w:
+        lines.append(f"  written by host {w.get('host', '?')} pid {w.get('pid', '?')}"
+                     + (f" (Slurm job {w['slurm_job_id']} attempt {w.get('slurm_restart', 0)})" if w.get("slurm_job_id") else "")
+                     + ("  [holds the lease]" if s["lease"] else ""))
+    for r in s["rejected_checkpoints"][-2:]:
+        lines.append(f"  rejected at resume: {r['problem']}")
     if s["reason"] and s["state"] != "finished":
         lines.append(f"  why: {s['reason']}")
     if s["fid"]:
@@ -283,6 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--watch", type=float, nargs="?", const=10.0, default=None, metavar="SECONDS",
                    help="refresh every SECONDS (default 10) until interrupted")
     p.add_argument("--stall-minutes", type=float, default=None, help="override the runs' log.stall_minutes")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the newest checkpoint's files against their xxh3-128 checksums (reads it once)")
     args = p.parse_args(argv)
     missing = [d for d in args.run_dirs if not os.path.isdir(d)]
     if missing:
@@ -290,7 +341,7 @@ def main(argv=None) -> int:
         return 2
     try:
         while True:
-            statuses = [run_status(d, stall_minutes=args.stall_minutes) for d in args.run_dirs]
+            statuses = [run_status(d, stall_minutes=args.stall_minutes, verify=args.verify) for d in args.run_dirs]
             if args.watch is not None and sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
             if args.json:
