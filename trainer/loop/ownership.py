@@ -46,3 +46,16 @@ def rewind_metrics(run_dir: str, step: int) -> int:
         print(f"[trainer] metrics.jsonl: {dropped} record(s) after step {step} dropped (trained again from the "
               "checkpoint; no step is logged twice)", flush=True)
     return dropped
+
+
+def report_run_dir_events(metrics, skipped_checkpoints: list, taken: Optional[dict], step: int) -> None:
+    """events.jsonl (+ alerts) for what set-up found: corrupt checkpoints passed over, a lease taken over."""
+    for skipped in skipped_checkpoints:
+        metrics.event({"event": "checkpoint_rejected", "checkpoint": skipped["checkpoint"],
+                       "problem": skipped["problem"]})
+        metrics.alert("corrupt checkpoint skipped", skipped["problem"], "WARN")
+    if taken:
+        previous = taken["previous"]
+        metrics.event({"event": "lease_takeover", "step": step, "reason": taken["reason"],
+                       "previous": {k: previous.get(k) for k in ("host", "pid", "slurm_job_id", "slurm_restart",
+                                                                 "started")}})

@@ -21,16 +21,17 @@ from trainer.monitor.nan_guard import optimizer_update_skipped
 from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
 from trainer.engine.optimizer import optimizer_config, param_groups
-from trainer.loop.data import load_vae, make_loader
+from trainer.loop.data import make_loader
 from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
 from trainer.engine.lr_schedule import StageLRScheduler
-from trainer.monitor.metrics import JsonlSink, Metrics, NullSink
+from trainer.monitor.metrics import Metrics, build_metrics
 from trainer.config.model import architecture
 from trainer.engine.objective import build_objective_from_config
 from trainer.monitor.monitor import Monitor
 from trainer.loop.preemption import PreemptionFlag
 from trainer import rundir
-from trainer.loop.ownership import rewind_metrics, take_run_dir
+from trainer.loop.grids import ema_sample_grid
+from trainer.loop.ownership import report_run_dir_events, rewind_metrics, take_run_dir
 from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
 from trainer.state.lease import RunDirBusy
 from trainer.loop.seeding import rng_state, seed_everything, set_rng_state, step_generator
@@ -109,27 +110,11 @@ class Trainer:
         barrier()
         self._resume_or_init()
         self.metrics = self._build_metrics()
-        for skipped in self.skipped_checkpoints:
-            self.metrics.event({"event": "checkpoint_rejected", "checkpoint": skipped["checkpoint"],
-                                "problem": skipped["problem"]})
-            self.metrics.alert("corrupt checkpoint skipped", skipped["problem"], "WARN")
-        if self.lease_taken:
-            previous = self.lease_taken["previous"]
-            self.metrics.event({"event": "lease_takeover", "step": self.state.step, "reason": self.lease_taken["reason"],
-                                "previous": {k: previous.get(k) for k in ("host", "pid", "slurm_job_id",
-                                                                          "slurm_restart", "started")}})
+        report_run_dir_events(self.metrics, self.skipped_checkpoints, self.lease_taken, self.state.step)
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
 
     def _build_metrics(self) -> Metrics:
-        if not self._is_logging_rank():
-            return Metrics([NullSink()])
-        sinks = [JsonlSink(self.run_dir)]
-        from trainer.monitor.wandb_sink import make_wandb_sink
-
-        wb = make_wandb_sink(self.cfg, self.run_dir, self.state)
-        if wb is not None:
-            sinks.append(wb)
-        return Metrics(sinks)
+        return build_metrics(self.cfg, self.run_dir, self.state, self._is_logging_rank())
 
     def _resume_or_init(self) -> None:
         # Newest checkpoint whose every file matches its checksum, hashed in parallel over the ranks; corrupt or
@@ -306,27 +291,7 @@ class Trainer:
 
     def sample(self, stage: Stage, name: Optional[str] = None) -> Optional[str]:
         """EMA sample grid at the stage's resolution (collective under ZeRO-3; rank 0 samples)."""
-        tensors = self.ema.full_tensors()
-        if self.rank != 0:
-            barrier()
-            return None
-        shards = self.shard_sets[stage.index]
-        arch = self.arch.with_input_size(shards.latent_shape[1])
-        from trainer.state.consolidate import model_from_ema
-        from trainer.monitor.sampling import sample_grid
-
-        model = model_from_ema(tensors, arch, self.device, source=f"step {self.state.step}")
-
-        classes = list(self.cfg.sample.classes) or list(range(arch.num_classes))
-        path = os.path.join(self.run_dir, "samples", name or f"step{self.state.step:08d}.png")
-        sample_grid(model, self.objective, load_vae(shards), path, classes=classes,
-                    per_class=self.cfg.sample.per_class, latent_shape=shards.latent_shape,
-                    cfg_scale=self.cfg.sample.cfg_scale, steps=self.cfg.sample.steps, method=self.cfg.sample.method,
-                    seed=self.cfg.sample.seed, device=self.device, num_classes=arch.num_classes)
-        self.metrics.log_image(self.state.step, "samples", path)
-        log0(f"sample grid {path}")
-        barrier()
-        return path
+        return ema_sample_grid(self, stage, name)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> int:

@@ -108,3 +108,16 @@ class Metrics:
 
     def close(self) -> None:
         self._each("close")
+
+
+def build_metrics(cfg, run_dir: str, state, logging: bool) -> Metrics:
+    """The logging rank's sinks (metrics.jsonl/events.jsonl, then W&B when configured); others log nowhere."""
+    if not logging:
+        return Metrics([NullSink()])
+    sinks = [JsonlSink(run_dir)]
+    from trainer.monitor.wandb_sink import make_wandb_sink
+
+    wb = make_wandb_sink(cfg, run_dir, state)
+    if wb is not None:
+        sinks.append(wb)
+    return Metrics(sinks)

@@ -1,0 +1,32 @@
+"""The in-training EMA sample grid: gather the EMA (collective under ZeRO-3 and model-parallel layouts), rank 0
+rebuilds a plain DiT at the stage's resolution, samples it and decodes with the shard set's VAE."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from trainer.engine.distributed import barrier
+from trainer.loop.data import load_vae
+
+
+def ema_sample_grid(trainer, stage, name: Optional[str] = None) -> Optional[str]:
+    tensors = trainer.ema.full_tensors()
+    if trainer.rank != 0:
+        barrier()
+        return None
+    shards = trainer.shard_sets[stage.index]
+    arch = trainer.arch.with_input_size(shards.latent_shape[1])
+    from trainer.monitor.sampling import sample_grid
+    from trainer.state.consolidate import model_from_ema
+
+    model = model_from_ema(tensors, arch, trainer.device, source=f"step {trainer.state.step}")
+    classes = list(trainer.cfg.sample.classes) or list(range(arch.num_classes))
+    path = os.path.join(trainer.run_dir, "samples", name or f"step{trainer.state.step:08d}.png")
+    s = trainer.cfg.sample
+    sample_grid(model, trainer.objective, load_vae(shards), path, classes=classes, per_class=s.per_class,
+                latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale, steps=s.steps, method=s.method, seed=s.seed,
+                device=trainer.device, num_classes=arch.num_classes)
+    trainer.metrics.log_image(trainer.state.step, "samples", path)
+    print(f"[trainer] sample grid {path}", flush=True)
+    barrier()
+    return path
