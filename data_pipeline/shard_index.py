@@ -8,7 +8,7 @@ label and what (if anything) is wrong with it. With it, reading a sample is one 
 Where an index comes from:
 
 * written by ``ShardWriter.close()`` (so every encode leaves indexed shards), or
-* built once by scanning the shard (``load_index`` / ``python -m data_pipeline.shard_index DIR``)
+* built once by scanning the shard (``load_index`` / ``python -m data_pipeline.index_shards DIR``)
   and cached: beside the shard as ``<shard>.index.json`` when the folder is writable, else under
   ``$DIT_SHARD_INDEX_CACHE`` or ``$XDG_CACHE_HOME/dit-data/shard-index`` (``~/.cache/...``).
 
@@ -26,12 +26,10 @@ read before the break and records the reason in ``error``; ``complete`` is then 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -257,28 +255,3 @@ def build_shard_set_indexes(shard_set: str, *, part: int = 0, num_parts: int = 1
         except FileNotFoundError:
             out[url] = None
     return out
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.shard_index",
-                                     description="build (or check) the cached member-offset index of a shard set")
-    parser.add_argument("shard_set", help="shard-set folder or manifest.json")
-    parser.add_argument("--part", type=int, default=0)
-    parser.add_argument("--num-parts", type=int, default=1)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    bad = 0
-    for url, index in build_shard_set_indexes(args.shard_set, part=args.part, num_parts=args.num_parts).items():
-        if index is None:
-            bad += 1
-            print(f"{url}: MISSING")
-            continue
-        usable = index.num_entries - len(index.problems)
-        state = "ok" if index.complete else f"BROKEN ({index.error})"
-        bad += not index.complete or bool(index.problems)
-        print(f"{url}: {usable} usable of {index.num_entries} samples, {state}")
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
