@@ -38,6 +38,7 @@ from .manifest import (
     write_manifest,
 )
 from .pca_autoencoder import PCA_FILE_NAME, PatchPCAAutoencoder, file_sha256
+from .safety import ShardError
 from .shard_writer import ShardWriter, count_shard_samples
 from .vae import DiffusersVAE, PCAVAE
 
@@ -224,9 +225,12 @@ class EncodeJob:
             for resolution in self.resolutions:
                 path = os.path.join(self.directory(resolution), shard_file_name(index, self.part, self.num_parts))
                 if os.path.exists(path):
-                    counts[resolution][index] = count_shard_samples(path)
-                else:
-                    missing.append(resolution)
+                    try:
+                        counts[resolution][index] = count_shard_samples(path)
+                        continue
+                    except ShardError as broken:  # e.g. cut by an interrupted copy: encode it again
+                        log.warning("re-encoding broken existing shard: %s", broken)
+                missing.append(resolution)
             if missing:
                 for resolution, count in self._write_shard(index, items, missing, pool).items():
                     counts[resolution][index] = count

@@ -15,6 +15,11 @@ Design (why it is not a plain ``wds.WebDataset(...).shuffle(n)`` chain):
   once per epoch across ranks and workers. Chunks are consecutive shards pooled until
   ``shuffle_buffer`` samples. Resuming mid-epoch replays the epoch's batches and drops the first
   k (documented fallback: batch boundaries depend on how many samples survived validation).
+  ``iter(loader)`` is one epoch in finite mode; ``loader.endless()`` rolls epochs over forever.
+* Shards are read whole and in sequence by ``shard_reader.ShardReader``; a shard with fewer valid
+  samples than its manifest records is logged with both counts and listed in ``short_shards``.
+* For a batch order that does not depend on the data-parallel layout at all (and exact mid-epoch
+  resume), use ``data_pipeline.elastic.ElasticStream``.
 * With ``num_workers=W`` there are W streams; DataLoader hands out their batches round-robin, and
   on resume the workers are rotated so the round-robin continues at the right stream.
 * Workers attach running skip counts to each batch, so ``skipped_samples``/``skipped_shards``
@@ -25,7 +30,6 @@ Rank and world size are always passed in: this module never reads torch.distribu
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from dataclasses import dataclass, replace
@@ -35,12 +39,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .manifest import LABEL_FIELD, LATENT_FIELD, open_shard_set, resolve_shards
-from .safety import ALLOWED_LATENT_DTYPES, LatentDecoder, SampleError, ShardError, decode_label, iter_tar_samples
+from .manifest import open_shard_set, resolve_shards
+from .safety import ALLOWED_LATENT_DTYPES
+from .shard_reader import ShardReader, WorkerStats
 
 __all__ = ["LatentLoader", "NoValidSamplesError", "open_shard_set"]
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
@@ -67,6 +71,7 @@ class StreamConfig:
     allowed_dtypes: tuple[str, ...]
     num_classes: int | None
     drop_last: bool
+    expected_counts: tuple[tuple[str, int], ...] = ()  # (url, samples the manifest records)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -79,88 +84,6 @@ _RESAMPLED, _EPOCH_ORDER, _EPOCH_CHUNK = 1, 2, 3  # RNG domain tags keep the str
 def local_start_batch(start_batch: int, stream: int, num_streams: int) -> int:
     """How many of the first ``start_batch`` round-robin batches came from ``stream``."""
     return max(0, (start_batch - stream + num_streams - 1) // num_streams)
-
-
-@dataclass
-class WorkerStats:
-    stream: int
-    skipped_samples: int = 0
-    skipped_shards: int = 0
-    valid_samples: int = 0
-    bad_shards: tuple[str, ...] = ()
-
-
-class ShardReader:
-    """Reads one shard at a time into validated (latent, label) pairs, counting what it skips."""
-
-    def __init__(self, config: StreamConfig, stream: int):
-        self.config = config
-        self.decoder = LatentDecoder(config.expected_shape, config.allowed_dtypes)
-        self.stats = WorkerStats(stream)
-        self.bad_shards: set[str] = set()
-        self._warned: set[tuple[str, str | None]] = set()
-
-    def _warn(self, url: str, key: str | None, message: str) -> None:
-        if (url, key) not in self._warned:  # resampled streams re-read shards; say it once
-            self._warned.add((url, key))
-            log.warning("skipping %s: shard %s%s", message, url, f" key {key}" if key is not None else "")
-
-    def _decode(self, fields: dict[str, bytes]) -> tuple[np.ndarray, int]:
-        if "__duplicate__" in fields:
-            raise SampleError(f"duplicate field {fields['__duplicate__'].decode()!r}")
-        latent_bytes = fields.get(LATENT_FIELD)
-        if latent_bytes is None:
-            raise SampleError(f"missing field {LATENT_FIELD!r} (fields: {sorted(fields)})")
-        label_bytes = fields.get(LABEL_FIELD)
-        if label_bytes is None:
-            raise SampleError(f"missing field {LABEL_FIELD!r} (fields: {sorted(fields)})")
-        latent = self.decoder(latent_bytes)  # (C, H, W) read-only view
-        label = decode_label(label_bytes, self.config.num_classes)
-        if self.decoder.expected_shape is None:
-            self.decoder.expected_shape = latent.shape  # no manifest: the first valid sample fixes it
-        return latent, label
-
-    def read(self, url: str) -> list[tuple[np.ndarray, int]]:
-        from webdataset.gopen import gopen
-
-        items: list[tuple[np.ndarray, int]] = []
-        try:
-            stream = gopen(url, "rb")
-        except Exception as error:  # missing file, bad scheme, failed pipe
-            self.stats.skipped_shards += 1
-            self._warn(url, None, f"unreadable shard ({type(error).__name__}: {error})")
-            self.bad_shards.add(url)
-            return items
-        key = None
-        broken = False
-        try:
-            for key, fields in iter_tar_samples(stream):
-                try:
-                    items.append(self._decode(fields))
-                except SampleError as error:
-                    self.stats.skipped_samples += 1
-                    self._warn(url, key, f"sample ({error})")
-        except (ShardError, OSError, ValueError) as error:
-            broken = True
-            self.stats.skipped_shards += 1
-            cut_key = getattr(error, "key", None)
-            if cut_key is not None and cut_key != key:  # a sample none of whose members arrived whole
-                self.stats.skipped_samples += 1
-                self._warn(url, cut_key, f"sample cut off by a broken shard ({error})")
-            self._warn(url, None, f"rest of shard ({error}; kept {len(items)} valid samples)")
-        finally:
-            try:
-                stream.close()
-            except Exception as error:  # a pipe: command that exited non-zero
-                self.stats.skipped_shards += 0 if broken else 1
-                self._warn(url, None, f"shard whose stream failed on close ({error})")
-        if not items:
-            self.bad_shards.add(url)
-        self.stats.valid_samples += len(items)
-        return items
-
-    def snapshot(self) -> WorkerStats:
-        return replace(self.stats, bad_shards=tuple(sorted(self.bad_shards)))
 
 
 def _no_valid(urls: Sequence[str], reason: str) -> NoValidSamplesError:
@@ -302,11 +225,13 @@ class LatentLoader:
             expected_shape=self.latent_shape, allowed_dtypes=dtypes,
             num_classes=int(manifest["num_classes"]) if manifest and manifest.get("num_classes") else None,
             drop_last=bool(drop_last),
+            expected_counts=tuple(zip(self.urls, (int(s["num_samples"]) for s in manifest["shards"]))) if manifest else (),
         )
         self.epoch = int(epoch)
         self.batches_consumed = int(start_batch)
         self._skipped_base = [0, 0]
         self._bad_shards: set[str] = set()
+        self._short_shards: dict[str, tuple[int, int]] = {}
         self._live: dict[int, WorkerStats] = {}
 
     # -- metrics -----------------------------------------------------------------------------
@@ -323,10 +248,19 @@ class LatentLoader:
         """Shards that yielded no valid sample (missing, unreadable or fully corrupt)."""
         return sorted(self._bad_shards.union(*(s.bad_shards for s in self._live.values())))
 
+    @property
+    def short_shards(self) -> dict[str, tuple[int, int]]:
+        """Shard url -> (samples the manifest records, valid samples found) for shards that came up short."""
+        short = dict(self._short_shards)
+        for stats in self._live.values():
+            short.update((url, (expected, found)) for url, expected, found in stats.short_shards)
+        return short
+
     def _fold_live_stats(self) -> None:
         self._skipped_base[0] = self.skipped_samples
         self._skipped_base[1] = self.skipped_shards
         self._bad_shards = set(self.bad_shards)
+        self._short_shards = self.short_shards
         self._live = {}
 
     # -- resume ------------------------------------------------------------------------------
@@ -369,6 +303,20 @@ class LatentLoader:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                                pin_memory=self.pin_memory, persistent_workers=False))
+
+    def endless(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches forever: in finite mode one epoch rolls into the next (``epoch`` advances) instead of ending.
+
+        ``iter(loader)`` is one epoch in finite mode, so a trainer calling ``next()`` on it would hit
+        StopIteration after the first epoch; this is the iterator such a trainer wants.
+        """
+        while True:
+            from_start, count = self.batches_consumed == 0, 0
+            for batch in self:
+                count += 1
+                yield batch
+            if from_start and count == 0:
+                raise ValueError(f"an epoch produced no batch of {self.batch_size} (drop_last with too few samples)")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         config = replace(self._base, epoch=self.epoch, start_batch=self.batches_consumed if self._base.resampled else 0)

@@ -69,19 +69,28 @@ def _pax_path(payload: bytes) -> str | None:
     return path
 
 
-def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """Yield (member name, bytes) for regular files; raise ShardError on truncation or corrupt headers."""
+def iter_tar_members_at(stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
+    """Yield (member name, byte offset of its data in the archive, bytes) for regular files.
+
+    Raises ShardError on a truncated archive, a corrupt header, or an archive that stops without its
+    end-of-archive zero block. The last case is what a copy interrupted at a 512-byte (or page)
+    boundary looks like: every header before the cut parses, so without this check the shard reads
+    as a valid, shorter archive and the missing samples vanish without a word.
+    Offsets are counted from the bytes read (no ``tell()``), so pipes and HTTP streams work too.
+    """
     long_name: str | None = None
+    position = 0
     while True:
         header = stream.read(BLOCK)
         if not header:
-            return  # archive ends without the zero blocks: tolerated, like tarfile does
+            raise ShardError(f"tar ends at byte {position} without its end-of-archive blocks (cut at a block boundary?)")
         if len(header) != BLOCK:
-            raise ShardError(f"truncated tar: partial header block of {len(header)} bytes")
+            raise ShardError(f"truncated tar: partial header block of {len(header)} bytes at byte {position}")
+        position += BLOCK
         if header == ZERO_BLOCK:
             return
         if not _checksum_ok(header):
-            raise ShardError("corrupt tar header (checksum mismatch)")
+            raise ShardError(f"corrupt tar header (checksum mismatch) at byte {position - BLOCK}")
         size = _parse_number(header[124:136])
         if size < 0 or size > MAX_MEMBER_BYTES:
             raise ShardError(f"tar member size {size} outside 0..{MAX_MEMBER_BYTES}")
@@ -100,15 +109,23 @@ def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             except ShardError as error:
                 error.member = long_name or name
                 raise
-            yield (long_name or name), data
+            yield (long_name or name), position, data
+            position += size + padding
             long_name = None
             continue
         payload = _read_exact(stream, size + padding, f"member {name}")[:size]
+        position += size + padding
         if typeflag == b"L":
             long_name = payload.split(b"\0", 1)[0].decode("utf-8", "replace")
         elif typeflag == b"x":
             long_name = _pax_path(payload) or long_name
         # directories, links, global pax headers and the like carry no sample data
+
+
+def iter_tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Yield (member name, bytes) for regular files; raise ShardError on truncation or corrupt headers."""
+    for name, _, data in iter_tar_members_at(stream):
+        yield name, data
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -119,8 +136,8 @@ def split_key(member_name: str) -> tuple[str, str]:
     return key, extension.lower() if dot else ""
 
 
-def iter_tar_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members with the same key into samples (key, {field: bytes}).
+def iter_tar_samples_at(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes], dict[str, int]]]:
+    """Group consecutive members with the same key into samples (key, {field: bytes}, {field: data offset}).
 
     A duplicate field inside one sample is reported as a malformed sample rather than
     silently overwritten, by yielding it under the field name ``"__duplicate__"``.
@@ -128,26 +145,34 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]
     """
     key: str | None = None
     fields: dict[str, bytes] = {}
+    offsets: dict[str, int] = {}
     try:
-        for name, data in iter_tar_members(stream):
+        for name, offset, data in iter_tar_members_at(stream):
             member_key, field = split_key(name)
             if member_key.startswith("__") and member_key.endswith("__"):
                 continue  # metadata members, as in WebDataset
             if member_key != key:
                 if key is not None:
-                    yield key, fields
-                key, fields = member_key, {}
+                    yield key, fields, offsets
+                key, fields, offsets = member_key, {}, {}
             if field in fields:
                 fields["__duplicate__"] = field.encode()
             fields[field] = data
+            offsets[field] = offset
     except ShardError as error:
         # hand out what was read of the interrupted sample: the caller validates it like any other,
         # so a sample whose members were all complete survives a cut in the next one
         if key is not None:
-            yield key, fields
+            yield key, fields, offsets
         error.key = split_key(error.member)[0] if error.member else key
         raise
     if key is not None:
+        yield key, fields, offsets
+
+
+def iter_tar_samples(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``iter_tar_samples_at`` without the offsets: (key, {field: bytes}) per sample."""
+    for key, fields, _ in iter_tar_samples_at(stream):
         yield key, fields
 
 

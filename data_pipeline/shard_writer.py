@@ -3,6 +3,8 @@
 A shard is written under a temporary name and renamed into place only when complete, so an
 interrupted encode job never leaves a half shard that a rerun would mistake for a finished one.
 Member headers use fixed mtime/uid/gid so the same inputs give byte-identical shards.
+Closing a shard also writes its member-offset index (``data_pipeline.shard_index``) beside it, so
+the elastic loader can read any sample by offset without a first pass over freshly encoded data.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import tarfile
 import numpy as np
 
 from .manifest import LABEL_FIELD, LATENT_FIELD
-from .safety import encode_label, encode_latent, iter_tar_samples
+from .safety import ShardError, encode_label, encode_latent
+from .shard_index import load_index, scan_shard, write_index
 
 
 class ShardWriter:
@@ -48,13 +51,19 @@ class ShardWriter:
         self._add_member(f"{key}.{LABEL_FIELD}", encode_label(label))
         self.num_samples += 1
 
-    def close(self) -> None:
-        """Finish the archive, flush it to disk and publish it under its final name."""
+    def close(self, *, index: bool = True) -> None:
+        """Finish the archive, flush it to disk, publish it under its final name, then index it.
+
+        The index is made by scanning the file just written (still in the page cache), so it is
+        byte-for-byte what a later ``load_index`` would build: one code path, no second format.
+        """
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.temp_path, self.path)
+        if index:
+            write_index(self.path, scan_shard(self.path))
 
     def abort(self) -> None:
         try:
@@ -75,6 +84,13 @@ class ShardWriter:
 
 
 def count_shard_samples(path: str) -> int:
-    """Count samples of a finished shard (a resumed encode job needs counts for its manifest)."""
-    with open(path, "rb") as handle:
-        return sum(1 for _ in iter_tar_samples(handle))
+    """Samples of a finished shard (a resumed encode job needs counts for its manifest).
+
+    Uses (and, for shards written before indexes existed, builds and caches) the shard's index.
+    Raises ShardError for a shard that is cut short, so a rerun re-encodes it instead of
+    publishing a manifest that silently lacks its tail.
+    """
+    index = load_index(path)
+    if not index.complete:
+        raise ShardError(f"{path}: {index.error} after {index.num_entries} samples")
+    return index.num_entries

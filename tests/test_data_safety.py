@@ -11,7 +11,7 @@ import pytest
 
 from data_pipeline.loader import LatentLoader, NoValidSamplesError
 from data_pipeline.manifest import MANIFEST_NAME, check_shard_set, new_manifest, part_manifest_name, write_manifest
-from data_pipeline.safety import LatentDecoder, SampleError, decode_label, iter_tar_members, iter_tar_samples
+from data_pipeline.safety import LatentDecoder, SampleError, ShardError, decode_label, iter_tar_members, iter_tar_samples
 from data_pipeline.shard_writer import ShardWriter
 
 SHAPE = (4, 4, 4)
@@ -244,3 +244,98 @@ def test_failing_pipe_command_counts_as_a_skipped_shard(bad_set, caplog):
         assert sum(len(labels) for _, labels in loader) == 10
     assert loader.skipped_shards == 1 and loader.bad_shards == [f"pipe:cat {directory}/no-such-shard.tar"]
     assert "no-such-shard.tar" in caplog.text
+
+
+# -- short data is never silent (issue #14): cuts an interrupted copy leaves, and manifests that promise more --
+
+SAMPLE_BYTES = 2048  # latent member (512 header + 384-byte npy padded to 512) + cls member (512 + 512)
+
+
+def cut_at(path, size):
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+@pytest.fixture(scope="module")
+def short_set(tmp_path_factory):
+    """Seven shards the manifest says hold 10 samples each; (expected, found usable) per damaged shard."""
+    directory = str(tmp_path_factory.mktemp("short") / "32")
+    os.makedirs(directory)
+    paths = [os.path.join(directory, f"latents-{s:06d}.tar") for s in range(7)]
+    for s, path in enumerate(paths[:5]):
+        write_good_shard(path, range(10 * s, 10 * s + 10))
+    write_good_shard(paths[5], range(50, 56))  # a whole archive, but 6 samples where the manifest says 10
+    cut_at(paths[1], 2 * 4096)  # page-aligned cut between samples: parses as a valid, shorter archive
+    cut_at(paths[2], 5 * SAMPLE_BYTES + 1024)  # 512-aligned cut between a sample's latent and its cls
+    cut_at(paths[3], 2 * 4096 + 700)  # mid-block cut inside sample 34's latent
+    cut_at(paths[4], 10 * SAMPLE_BYTES)  # every member there, end-of-archive blocks gone
+    for path in paths[1:5]:
+        os.remove(path + ".index.json")  # the writer indexed the whole shard; the cut copy gets indexed anew
+    write_manifest(os.path.join(directory, MANIFEST_NAME),
+                   new_manifest(shards=[(os.path.basename(p), 10) for p in paths], latent_shape=SHAPE,
+                                latent_dtype="float32", vae=VAE, num_classes=5))
+    expected = {"latents-000001.tar": (10, 4), "latents-000002.tar": (10, 5), "latents-000003.tar": (10, 4),
+                "latents-000004.tar": (10, 10), "latents-000005.tar": (10, 6), "latents-000006.tar": (10, 0)}
+    readable = list(range(10)) + list(range(10, 14)) + list(range(20, 25)) + list(range(30, 34)) + \
+        list(range(40, 50)) + list(range(50, 56))
+    return directory, expected, readable
+
+
+def assert_named_with_counts(caplog, short):
+    for name, (expected, found) in short.items():
+        assert any(name in r.getMessage() and f"expected {expected} samples" in r.getMessage()
+                   and f"found {found} " in r.getMessage() for r in caplog.records), (name, caplog.text)
+
+
+def test_elastic_stream_names_every_short_shard_and_reads_the_rest(short_set, caplog):
+    from data_pipeline.elastic import ElasticStream
+
+    directory, short, readable = short_set
+    with caplog.at_level(logging.WARNING):
+        stream = ElasticStream(directory, global_batch=len(readable), micro_batch=len(readable), seed=0)
+    assert stream.short_shards == short
+    assert_named_with_counts(caplog, short)
+    assert "latents-000004.tar" in caplog.text and "without its end-of-archive blocks" in caplog.text
+    assert stream.skipped_samples == 2  # sample 25's latent without its cls; sample 34 lost in the cut
+    assert stream.missing_samples == 6 + 5 + 6 + 0 + 4 + 10
+    assert stream.stats()["short_shards"] == 6
+    epoch = next(iter(stream))  # one global batch = one epoch of what is readable
+    assert sorted(epoch.latents[:, 0, 0, 0].long().tolist()) == readable
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_latent_loader_names_every_short_shard(short_set, caplog, num_workers):
+    directory, short, readable = short_set
+    loader = LatentLoader(directory, batch_size=4, resampled=False, shuffle_buffer=0, drop_last=False,
+                          num_workers=num_workers)
+    with caplog.at_level(logging.WARNING):
+        ids = [int(i) for latents, _ in loader for i in latents[:, 0, 0, 0]]
+    assert sorted(ids) == readable
+    assert {os.path.basename(url): counts for url, counts in loader.short_shards.items()} == short
+    if num_workers == 0:  # worker processes log in their own process
+        assert_named_with_counts(caplog, short)
+
+
+def test_a_block_aligned_cut_is_an_error_not_a_shorter_archive(short_set):
+    directory, _, _ = short_set
+    with open(os.path.join(directory, "latents-000001.tar"), "rb") as handle:
+        samples = []
+        with pytest.raises(ShardError, match="end-of-archive"):
+            for key, _ in iter_tar_samples(handle):
+                samples.append(key)
+    assert samples == [f"{i:08d}" for i in range(10, 14)]
+    with tarfile.open(os.path.join(directory, "latents-000001.tar")) as tar:  # what tarfile makes of it: no error
+        assert len(tar.getmembers()) == 8
+
+
+def test_index_shards_command_lists_every_short_shard(short_set, capsys):
+    from data_pipeline.index_shards import main
+
+    directory, short, _ = short_set
+    assert main([directory]) == 1
+    lines = {line.split(":")[0].rsplit("/", 1)[-1]: line for line in capsys.readouterr().out.splitlines()}
+    assert "ok" in lines["latents-000000.tar"]
+    assert "MISSING (manifest: 10 samples)" in lines["latents-000006.tar"]
+    assert "10 usable of 10 in the manifest" in lines["latents-000004.tar"] and "end-of-archive" in lines["latents-000004.tar"]
+    assert "6 usable of 10 in the manifest" in lines["latents-000005.tar"]
+    assert "4 usable of 10" in lines["latents-000001.tar"] and "BROKEN" in lines["latents-000001.tar"]
