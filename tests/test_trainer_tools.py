@@ -36,7 +36,6 @@ def test_sample_tool_rejects_a_directory_without_checkpoints(tmp_path):
 
 
 def test_export_official_loads_strictly_and_matches_ema(tiny_run, tmp_path):
-    from models.dit import DiT
     from trainer.state.consolidate import load_ema_model, resolve_checkpoint
     from trainer.tools.export import export_official
 
@@ -45,7 +44,7 @@ def test_export_official_loads_strictly_and_matches_ema(tiny_run, tmp_path):
     out = export_official(ck, str(tmp_path / "ema.pt"))
     state = torch.load(out, map_location="cpu", weights_only=True)
     reference, arch = load_ema_model(ck)
-    model = DiT(**arch)
+    model = arch.build()
     model.load_state_dict(state, strict=True)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([1, 2])
     model.eval()

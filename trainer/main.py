@@ -52,6 +52,9 @@ def main(argv=None) -> int:
         first = stages[0]
         ds = fill_ds_config(ds_raw, cfg, global_batch=first.global_batch, micro_batch=first.micro_batch,
                             data_parallel=topo.data, on_cuda=on_cuda)
+        from trainer.config.resume import check_resume_layout
+
+        check_resume_layout(cfg, stages, topo, ds)  # a layout the newest checkpoint cannot load: refused now
     except (ConfigError, LayoutError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR

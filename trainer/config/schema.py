@@ -77,8 +77,9 @@ class DataSection:
     root: str = ""
     resolution: int = 64
     num_workers: int = 0
-    shuffle_buffer: int = 1000
-    resampled: bool = True
+    shuffle_buffer: int = 1000  # resampled stream only
+    shuffle_block: int = 262144  # elastic stream: samples per shuffle block (0 = shuffle whole epochs)
+    resampled: bool = False  # False: the elastic, layout-independent epoch stream; True: the order-free resampled one
 
 
 @dataclass
@@ -100,6 +101,7 @@ class TrainSection:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_every: int = 1
+    allow_batch_change: bool = False  # resume with another global batch, continuing at the same sample position
     max_nan_steps: int = 5  # stop (with a checkpoint of the last good weights) after this many non-finite steps in a row
 
 

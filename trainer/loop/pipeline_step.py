@@ -2,9 +2,9 @@
 
 DeepSpeed's pipeline engine pulls ``gradient_accumulation_steps`` items from the iterator on the first
 stage (inputs) and on the last stage (labels); each item is ((x_t, t, y, force_drop), (x_start, noise, t)).
-Noise, timesteps and label dropout come from ``Trainer.step_randomness`` (a generator of seed, data-parallel
-rank, step and micro-step), the same call the non-pipeline micro-step makes, so PP = 2 equals one process. Both stages
-that read data derive the same numbers from the same loader position; middle stages never read.
+Noise, timesteps and label dropout come from ``Trainer.step_randomness`` (per sample, from its global position),
+the same call the non-pipeline micro-step makes, so PP = 2 equals one process. Both stages that read data derive
+the same numbers from the same stream position; middle stages never read.
 
 The loss is computed on the last stage (trainer/engine/pipeline.py's PipelineLoss) and broadcast over the
 pipeline group, so every rank returns this data-parallel replica's loss/mse/vb and the loop's
@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 def micro_batches(trainer, it, gas: int):
     for micro in range(gas):
-        x, y = trainer.next_batch(it)
-        t, noise, drop = trainer.step_randomness(x.shape, micro)
+        batch = trainer.next_batch(it)
+        x, y = batch
+        t, noise, drop = trainer.step_randomness(batch, micro)
         x_t, t_model = trainer.objective.model_inputs(x, t, noise)
         yield (x_t, t_model, y, drop), (x, noise, t)
 

@@ -1,8 +1,10 @@
-"""Per-rank, per-step random streams derived from (seed, data-parallel rank, step, micro-step).
+"""Random streams that make runs reproducible across resumes and layouts.
 
-Noise, timesteps and label dropout come from a generator that is a pure function of those four
-numbers, never of the tensor/pipeline/expert rank or of how many steps ran in this process. That is
-what makes a resumed run equal an uninterrupted one, and a TP=2 run equal a single-process run.
+With the elastic data stream (the default) every training sample draws its noise, timestep and label drop from
+its own generator, a pure function of (seed, stage, global sample position): the same on 1 or 64 data-parallel
+ranks, after a resume, and under any tensor/pipeline/expert layout. The resampled stream has no global positions;
+its streams are keyed by (seed, data-parallel rank, step, micro-step), which still makes a resumed run equal an
+uninterrupted one on the same layout, and TP/PP equal one process.
 """
 from __future__ import annotations
 
@@ -24,6 +26,27 @@ def step_generator(seed: int, dp_rank: int, step: int, micro: int = 0) -> torch.
     g = torch.Generator(device="cpu")
     g.manual_seed(stream_seed(seed, dp_rank, step, micro))
     return g
+
+
+def sample_generator(seed: int, stage: int, position: int) -> torch.Generator:
+    """The random stream of one training sample: (seed, stage, global sample position) and nothing else, so the
+    sample gets the same noise, timestep and label drop on any data-parallel size, micro-batch or worker count."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5A4D, int(stage), int(position)])
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+    return g
+
+
+def per_sample_randomness(seed: int, stage: int, positions, shape, objective, class_dropout_prob: float):
+    """(timesteps (N,), noise (N, C, H, W), label-drop flags (N,)) on CPU, drawn per sample from its own stream,
+    always in the order timestep, noise, drop."""
+    ts, noises, drops = [], [], []
+    for p in positions.tolist():
+        g = sample_generator(seed, stage, p)
+        ts.append(objective.sample_timesteps(1, generator=g))
+        noises.append(torch.randn(tuple(shape[1:]), generator=g))
+        drops.append(torch.rand(1, generator=g) < class_dropout_prob)
+    return torch.cat(ts), torch.stack(noises), torch.cat(drops).long()
 
 
 def seed_everything(seed: int) -> None:

@@ -14,29 +14,30 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from trainer.state import checkpoint as ckpt
-from trainer.state.parallel_ema import make_ema
-from trainer.monitor.faults import fault_pause_after_checkpoint
-from trainer.monitor.nan_guard import optimizer_update_skipped
+from trainer import rundir
+from trainer.config.model import architecture
+from trainer.config.resume import layout_record
 from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
-from trainer.engine.optimizer import optimizer_config, param_groups
-from trainer.loop.data import make_loader
-from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
-from trainer.engine.lr_schedule import StageLRScheduler
-from trainer.monitor.metrics import Metrics, build_metrics
-from trainer.config.model import architecture
-from trainer.engine.objective import build_objective_from_config
-from trainer.monitor.monitor import Monitor
-from trainer.loop.preemption import PreemptionFlag
-from trainer import rundir
-from trainer.loop.grids import ema_sample_grid
-from trainer.loop.ownership import report_run_dir_events, rewind_metrics, take_run_dir
-from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
-from trainer.state.lease import RunDirBusy
-from trainer.loop.seeding import rng_state, seed_everything, set_rng_state, step_generator
 from trainer.config.stages import Stage
 from trainer.config.topology import Topology
+from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
+from trainer.engine.lr_schedule import StageLRScheduler
+from trainer.engine.objective import build_objective_from_config
+from trainer.engine.optimizer import optimizer_config, param_groups
+from trainer.loop.data import make_stream
+from trainer.loop.grids import ema_sample_grid
+from trainer.loop.ownership import report_run_dir_events, rewind_metrics, take_run_dir
+from trainer.loop.preemption import PreemptionFlag
+from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, set_rng_state, step_generator
+from trainer.monitor.faults import fault_pause_after_checkpoint
+from trainer.monitor.metrics import Metrics, build_metrics
+from trainer.monitor.monitor import Monitor
+from trainer.monitor.nan_guard import optimizer_update_skipped
+from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
+from trainer.state import checkpoint as ckpt
+from trainer.state.lease import RunDirBusy
+from trainer.state.parallel_ema import make_ema
 
 
 def log0(msg: str) -> None:
@@ -170,15 +171,19 @@ class Trainer:
         if self.state.stage != stage.index:
             self.state.stage = stage.index
             self.state.data_batches = 0
+            self.state.data_position = 0
         shards = self.shard_sets[stage.index]
         log0(f"stage {stage.index}: {stage.resolution} px (latent {shards.latent_shape}), steps "
-             f"{stage.start_step}..{stage.end_step}, global batch {stage.global_batch}, micro {stage.micro_batch}")
-        loader = make_loader(shards, batch_size=stage.micro_batch, dp_rank=self.dp_rank, dp_size=self.topo.data,
-                             seed=self.cfg.run.seed + 7919 * stage.index, num_workers=self.cfg.data.num_workers,
-                             shuffle_buffer=self.cfg.data.shuffle_buffer, resampled=self.cfg.data.resampled,
-                             start_batch=self.state.data_batches, pin_memory=self.device.type == "cuda")
-        self.loader = loader
-        return iter(loader)
+             f"{stage.start_step}..{stage.end_step}, global batch {stage.global_batch}, micro {stage.micro_batch}, "
+             f"data position {self.state.data_position}")
+        d = self.cfg.data
+        self.loader = make_stream(shards, resampled=d.resampled, global_batch=stage.global_batch,
+                                  micro_batch=stage.micro_batch, dp_rank=self.dp_rank, dp_size=self.topo.data,
+                                  seed=self.cfg.run.seed + 7919 * stage.index, num_workers=d.num_workers,
+                                  shuffle_buffer=d.shuffle_buffer, shuffle_block=d.shuffle_block,
+                                  start_position=self.state.data_position, start_batch=self.state.data_batches,
+                                  pin_memory=self.device.type == "cuda")
+        return iter(self.loader)
 
     # ------------------------------------------------------------------ one step
     def next_batch(self, it):
@@ -188,10 +193,16 @@ class Trainer:
         self.data_time += time.perf_counter() - t0
         return batch
 
-    def step_randomness(self, shape: torch.Size, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(timesteps (N,), noise (N, C, H, W), label-drop flags (N,)) on CPU: a pure function of (seed,
-        data-parallel rank, step, micro-step), shared by the plain and the pipeline step so layouts agree."""
-        n = shape[0]
+    def step_randomness(self, batch, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps (N,), noise (N, C, H, W), label-drop flags (N,)) on CPU for one micro-batch, shared by the plain
+        and the pipeline step. Elastic stream: per sample, from (seed, stage, global position) — the same on any
+        layout. Resampled stream: from (seed, data-parallel rank, step, micro-step)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch.latents
+        positions = getattr(batch, "positions", None)
+        if positions is not None:
+            return per_sample_randomness(self.cfg.run.seed, self.state.stage, positions, x.shape, self.objective,
+                                         self.arch.class_dropout_prob)
+        shape, n = x.shape, x.shape[0]
         g = step_generator(self.cfg.run.seed, self.dp_rank, self.state.step, micro)
         t = self.objective.sample_timesteps(n, generator=g)
         noise = torch.randn(shape, generator=g)
@@ -199,10 +210,10 @@ class Trainer:
         return t, noise, drop
 
     def _micro_step(self, batch, micro: int) -> dict:
+        t, noise, drop = (v.to(self.device) for v in self.step_randomness(batch, micro))
         x, y = batch
         x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
         y = y.to(self.device, non_blocking=True)  # (N,)
-        t, noise, drop = (v.to(self.device) for v in self.step_randomness(x.shape, micro))
         timer = self.monitor.timer
         timer.start()
         out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},
@@ -239,6 +250,7 @@ class Trainer:
             for k in sums:
                 sums[k] = sums[k] + parts[k]
         self.state.data_batches += gas
+        self.state.data_position += stage.global_batch  # elastic: global batch k is [p0 + kG, p0 + (k+1)G)
         self.state.step += 1
         self.state.samples_seen += stage.global_batch
         skipped = self.monitor.end_step()  # a skipped (non-finite) step changed no weights: no EMA update either
@@ -282,6 +294,8 @@ class Trainer:
         self.last_log_time, self.steps_since_log, self.samples_since_log, self.data_time = now, 0, 0, 0.0
 
     def save(self) -> str:
+        stage = self.stages[min(self.state.stage, len(self.stages) - 1)]
+        self.state.layout = layout_record(self.topo, self.ds, stage)  # checked before a later launch resumes it
         path = ckpt.save_checkpoint(self.engine, self.ema, self.state, self.ckpt_dir, self.cfg.checkpoint.keep_last,
                                     rng_state(), ema_writer_ranks=self.par.ema_writer_ranks,
                                     extra_save=self.par.save_extra)

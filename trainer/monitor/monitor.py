@@ -134,7 +134,8 @@ class Monitor:
         """Extra metrics for one log record. Collective (one all-reduce): every rank calls it."""
         tr = self.tr
         loader = getattr(tr, "loader", None)
-        skipped_samples = float(getattr(loader, "skipped_samples", 0) or 0)
+        elastic = hasattr(loader, "samples_per_epoch")  # its counts describe the shard set: the same on every rank
+        skipped_samples = 0.0 if elastic else float(getattr(loader, "skipped_samples", 0) or 0)
         local = torch.cat([self.qsums, torch.tensor([skipped_samples], dtype=torch.float64)])
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
@@ -146,6 +147,15 @@ class Monitor:
         self.qsums.zero_()
         out = telemetry.quartile_means(local[:-1])
         out["data_skipped_samples"] = int(local[-1])  # summed over ranks (each data-parallel rank reads its own)
+        if elastic:
+            stats = loader.stats()
+            out["data_skipped_samples"] = int(stats["skipped_samples"])
+            out["data_short_shards"] = int(stats["short_shards"])
+            out["data_missing_samples"] = int(stats["missing_samples"])
+            out["samples_per_epoch"] = int(stats["samples_per_epoch"])
+            position = tr.state.data_position
+            out["epoch"] = position // stats["samples_per_epoch"]  # the epoch of the next sample
+            out["epoch_progress"] = position / stats["samples_per_epoch"]
         out.update(self.timer.take(steps))
         out["images_per_sec"] = samples_per_sec
         out["samples_per_sec_per_device"] = samples_per_sec / world

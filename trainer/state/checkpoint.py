@@ -136,7 +136,9 @@ class TrainerState:
     step: int = 0
     stage: int = 0
     samples_seen: int = 0
-    data_batches: int = 0  # micro-batches consumed per data-parallel rank in the current stage
+    data_batches: int = 0  # micro-batches consumed per data-parallel rank in the current stage (resampled stream)
+    data_position: int = 0  # elastic stream: global sample position of the next step's first sample in this stage
+    layout: dict = field(default_factory=dict)  # the parallel layout and batch this checkpoint was written under
     model_config: dict = field(default_factory=dict)
     wandb_run_id: str = ""
     nan_skipped: int = 0
