@@ -6,9 +6,12 @@ under a layout DeepSpeed cannot load is refused here, in seconds and before the 
 saved layout and the requested one, instead of failing inside ``engine.load_checkpoint`` minutes later (or
 silently loading partitions into the wrong ranks).
 
-What resumes as is: the same data/tensor/pipeline/expert sizes, and ZeRO-1 <-> ZeRO-2 with or without optimizer
-offload (the same flat partitions per rank). Everything else needs the checkpoint converted to another layout,
-which this trainer does not do yet (tracked in issue #14): the message says what to do instead.
+What resumes as is ("native"): the same data/tensor/pipeline/expert sizes, and ZeRO-1 <-> ZeRO-2 with or without
+optimizer offload (the same flat partitions per rank). What resumes through a one-time conversion ("universal",
+trainer/state/convert.py): any data-parallel size and any ZeRO stage 1/2/3, with or without offload, for data-
+parallel layouts of a dense model (tensor = pipeline = expert = 1 before and after). Tensor/pipeline/expert-size
+changes, and any layout change of a tensor/pipeline-parallel or MoE run, are refused: their files hold fairscale
+slices, pipeline-stage names or DeepSpeed-MoE expert files that the conversion does not cover yet.
 A changed global batch resumes only with ``train.allow_batch_change=true``; the run then continues at the saved
 sample position (the elastic stream's position, not a batch count).
 
@@ -58,17 +61,22 @@ def newest_checkpoint_state(run_dir: str) -> tuple[Optional[str], Optional[dict]
     return None, None
 
 
-def incompatibility(saved: dict, current: dict) -> Optional[str]:
-    """Why a checkpoint written under ``saved`` cannot be loaded under ``current`` (None: it can)."""
-    changed = [k for k in SIZE_KEYS if saved.get(k) != current.get(k)]
-    if changed:
-        return ", ".join(f"{k}-parallel size {saved.get(k)} -> {current.get(k)}" for k in changed)
-    stages = {saved.get("zero_stage"), current.get("zero_stage")}
-    if len(stages) > 1 and not stages <= {1, 2}:
-        return f"ZeRO stage {saved.get('zero_stage')} -> {current.get('zero_stage')}"
-    if saved.get("offload_param") != current.get("offload_param"):
-        return f"ZeRO-3 parameter offload {saved.get('offload_param')} -> {current.get('offload_param')}"
-    return None
+def resume_mode(saved: dict, current: dict, moe: bool = False) -> tuple[str, Optional[str]]:
+    """("native" | "universal", None) when a checkpoint written under ``saved`` loads under ``current``,
+    ("refused", why) when it cannot."""
+    native = all(saved.get(k) == current.get(k) for k in SIZE_KEYS) and \
+        (saved.get("zero_stage") == current.get("zero_stage") or {saved.get("zero_stage"), current.get("zero_stage")} <= {1, 2}) \
+        and saved.get("offload_param") == current.get("offload_param")
+    if native:
+        return "native", None
+    model_parallel = [k for k in ("tensor", "pipeline", "expert") if saved.get(k, 1) != 1 or current.get(k, 1) != 1]
+    if model_parallel or moe:
+        what = ", ".join(f"{k}-parallel size {saved.get(k)} -> {current.get(k)}" for k in SIZE_KEYS
+                         if saved.get(k) != current.get(k)) or f"ZeRO stage {saved.get('zero_stage')} -> " \
+                                                                f"{current.get('zero_stage')}"
+        why = "an MoE model" if moe else f"{'/'.join(model_parallel)} parallelism"
+        return "refused", f"{what}, with {why}: a layout conversion for it is not implemented yet"
+    return "universal", None
 
 
 def check_resume_layout(cfg: RunConfig, stages: list[Stage], topo: Topology, ds: dict) -> Optional[str]:
@@ -79,13 +87,12 @@ def check_resume_layout(cfg: RunConfig, stages: list[Stage], topo: Topology, ds:
     saved = state["layout"]
     stage = stages[min(int(state.get("stage", 0)), len(stages) - 1)]
     current = layout_record(topo, ds, stage)
-    problem = incompatibility(saved, current)
-    if problem:
+    mode, problem = resume_mode(saved, current, moe=cfg.model.moe.num_experts > 0)
+    if mode == "refused":
         raise ConfigError(
             f"cannot resume {path}: it was written under {describe(saved)}; this launch is {describe(current)} "
-            f"({problem}). Resuming across that change needs a layout conversion this trainer does not do yet. "
-            f"Relaunch with the saved layout, or start a new run.dir with checkpoint.init_from={path} (weights only; "
-            f"optimizer and data position start fresh).")
+            f"({problem}). Relaunch with the saved layout, or start a new run.dir with checkpoint.init_from={path} "
+            f"(weights only; optimizer and data position start fresh).")
     if saved.get("global_batch") != current["global_batch"] and not cfg.train.allow_batch_change:
         raise ConfigError(
             f"cannot resume {path}: stage {state.get('stage', 0)} was trained with global batch "

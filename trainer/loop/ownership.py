@@ -6,6 +6,7 @@ run that then died are trained again, and must not appear twice.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -59,3 +60,29 @@ def report_run_dir_events(metrics, skipped_checkpoints: list, taken: Optional[di
         metrics.event({"event": "lease_takeover", "step": step, "reason": taken["reason"],
                        "previous": {k: previous.get(k) for k in ("host", "pid", "slurm_job_id", "slurm_restart",
                                                                  "started")}})
+
+
+def load_converted(engine, ema, checkpoint: str, rank: int) -> None:
+    """Collective: resume ``checkpoint`` under another data-parallel size or ZeRO stage (trainer/state/convert.py).
+
+    Rank 0 converts it once (atomically, beside the original) while the others wait; every rank then loads its
+    new partitions through DeepSpeed's universal loader and its EMA slice from the consolidated EMA."""
+    from trainer.engine.distributed import barrier
+    from trainer.state.consolidate import consolidated_ema
+    from trainer.state.convert import ensure_universal, universal_path
+
+    if rank == 0:
+        out, seconds = ensure_universal(checkpoint)
+        print(f"[trainer] {checkpoint} converted for a new layout in {seconds:.1f} s ({out})"
+              if seconds else f"[trainer] using the existing conversion {out}", flush=True)
+    barrier()
+    universal = universal_path(checkpoint)
+    engine._config.load_universal_checkpoint = True  # only for this load: later loads (rollbacks) are native
+    try:
+        load_path, _ = engine.load_checkpoint(os.path.dirname(universal), tag=os.path.basename(universal))
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    tensors, _ = consolidated_ema(checkpoint)
+    ema.load_full(tensors)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from trainer import rundir
 from trainer.config.model import architecture
-from trainer.config.resume import layout_record
+from trainer.config.resume import layout_record, resume_mode
 from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
 from trainer.config.stages import Stage
@@ -27,7 +27,7 @@ from trainer.engine.objective import build_objective_from_config
 from trainer.engine.optimizer import optimizer_config, param_groups
 from trainer.loop.data import make_stream
 from trainer.loop.grids import ema_sample_grid
-from trainer.loop.ownership import report_run_dir_events, rewind_metrics, take_run_dir
+from trainer.loop.ownership import load_converted, report_run_dir_events, rewind_metrics, take_run_dir
 from trainer.loop.preemption import PreemptionFlag
 from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, set_rng_state, step_generator
 from trainer.monitor.faults import fault_pause_after_checkpoint
@@ -124,12 +124,19 @@ class Trainer:
         if path is not None:
             saved = ckpt.read_trainer_state(path)
             ckpt.check_model_config(saved.model_config, self.arch)
-            tag = os.path.basename(path)
-            self._set_stage_shape(self._stage_for_state(saved))
-            load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-            self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
+            stage = self._stage_for_state(saved)
+            self._set_stage_shape(stage)
+            mode, problem = resume_mode(saved.layout or layout_record(self.topo, self.ds, stage),
+                                        layout_record(self.topo, self.ds, stage), moe=self.arch.moe is not None)
+            if mode == "refused":
+                raise RuntimeError(f"cannot resume {path} under this layout: {problem}")
+            if mode == "universal":  # another data-parallel size or ZeRO stage: DeepSpeed's universal checkpoint
+                load_converted(self.engine, self.ema, path, self.rank)
+            else:
+                load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=os.path.basename(path))
+                if load_path is None:
+                    raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+                self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
             rng = ckpt.load_rng_state(path, self.rank)
             if rng is not None:
                 set_rng_state(rng)

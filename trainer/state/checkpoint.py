@@ -217,6 +217,7 @@ def save_checkpoint(engine, ema, state: TrainerState, ckpt_dir: str, keep_last: 
         atomic_write_text(os.path.join(ckpt_dir, LATEST), tag + "\n")
         for _, old in list_checkpoints(ckpt_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(os.path.join(ckpt_dir, "universal-" + os.path.basename(old)), ignore_errors=True)
     barrier()
     return final_path
 

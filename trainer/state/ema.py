@@ -91,3 +91,21 @@ class EMA:
             else:
                 out[n] = s.detach().cpu().clone()
         return out
+
+    @torch.no_grad()
+    def load_full(self, tensors: dict) -> None:
+        """Load a full EMA (official names, any layout's consolidation) into this rank's shadow: the whole tensor, or
+        under ZeRO-3 this rank's partition of it (the same cut as ``param.ds_tensor``: rank r holds elements
+        [r·s, (r+1)·s) of the flattened tensor, s = the partition size, zero-padded at the end)."""
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        for n, s, p in zip(self.names, self.shadow, self.params):
+            full = tensors[n].detach().float().reshape(-1)
+            if _is_zero3_param(p):
+                r = dist.get_rank(group=getattr(p, "ds_process_group", None))
+                piece = full[r * s.numel():(r + 1) * s.numel()]
+                s.zero_()
+                s.view(-1)[:piece.numel()].copy_(piece)
+            else:
+                s.copy_(full.view_as(s))

@@ -1,0 +1,127 @@
+"""Layout-independent resume of data-parallel runs (the resume matrix in docs/parallelism.md).
+
+A 2-rank run is checkpointed at step 4 and continued, from a copy of its run directory, under another layout: the
+losses of the 8 steps after the resume equal the uninterrupted 2-rank run's (relative 1e-4, the bound the
+parallel-equivalence tests use: fp32 reduction order is the only difference). The data stream and the per-sample
+randomness do not depend on the layout (trainer/loop/data.py), the weights, AdamW moments and step counts go
+through DeepSpeed's universal checkpoint (trainer/state/convert.py) and the EMA through its consolidation.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+from tests.runs import losses_by_step, read_metrics, run_training
+
+STEPS, AT = 12, 4
+
+
+def _over(root, run_dir, *extra):
+    return [f"data.root={root}", f"run.dir={run_dir}", f"train.max_steps={STEPS}", "log.every=1",
+            "train.precision=fp32", "train.global_batch=8", "train.micro_batch=2", "checkpoint.every=4",
+            "checkpoint.keep_last=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def references(demo_root, tmp_path_factory):
+    """Uninterrupted 2-rank runs (12 steps, checkpoints at 4, 8, 12) under ZeRO-2 and ZeRO-3."""
+    runs = {}
+    for name in ("zero2", "zero3"):
+        run_dir = str(tmp_path_factory.mktemp(name))
+        run_training(2, _over(demo_root, run_dir), ds_config=f"{name}.json")
+        runs[name] = run_dir
+    return runs
+
+
+def _from_step(src: str, dst: str) -> str:
+    """A copy of ``src`` as it was right after its step-AT checkpoint (later checkpoints removed)."""
+    shutil.copytree(src, dst)
+    ck = os.path.join(dst, "checkpoints")
+    for name in os.listdir(ck):
+        if name.startswith("step") and int(name[4:]) > AT:
+            shutil.rmtree(os.path.join(ck, name))
+    with open(os.path.join(ck, "latest"), "w") as f:
+        f.write(f"step{AT:08d}\n")
+    return dst
+
+
+@pytest.mark.parametrize("source,nprocs,ds_config", [
+    ("zero2", 1, "zero2.json"),   # fewer nodes
+    ("zero2", 4, "zero2.json"),   # more GPUs
+    ("zero2", 2, "zero3.json"),   # memory got tight
+    ("zero3", 2, "zero2.json"),
+])
+def test_resume_on_another_data_parallel_layout_continues_the_same_run(references, demo_root, tmp_path, source,
+                                                                        nprocs, ds_config):
+    run = _from_step(references[source], str(tmp_path / "run"))
+    proc = run_training(nprocs, _over(demo_root, run), ds_config=ds_config, **({"launcher": "python"} if nprocs == 1 else {}))
+    out = proc.stdout + proc.stderr
+    assert f"resumed from {run}/checkpoints/step{AT:08d} at step {AT}" in out, out[-3000:]
+    ref, got = losses_by_step(references[source]), losses_by_step(run)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
+    for s in range(AT + 1, STEPS + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), f"step {s}: {ref[s]} vs {got[s]}"
+
+
+def test_the_conversion_is_bit_exact_and_a_killed_conversion_leaves_the_original_usable(references, tmp_path):
+    """The universal conversion holds exactly the weights, AdamW moments and step of the original's partitions and
+    EMA; a conversion killed half-way (its temporary folder left behind) is redone, the original untouched."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer.state.consolidate import consolidated_ema
+    from trainer.state.convert import ensure_universal, universal_path, universal_state
+    from trainer.state.integrity import check_hashes, check_sizes
+
+    run = _from_step(references["zero2"], str(tmp_path / "run"))
+    ck = os.path.join(run, "checkpoints", f"step{AT:08d}")
+    partial = os.path.join(run, "checkpoints", f".tmp-universal-step{AT:08d}")
+    os.makedirs(os.path.join(partial, "zero", "half"))  # what a conversion killed half-way leaves
+    before = {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)}
+    out, seconds = ensure_universal(ck)
+    assert out == universal_path(ck) and seconds > 0 and not os.path.exists(partial)
+    assert {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)} == before  # original untouched
+    assert check_sizes(out) is None and check_hashes(out) == []
+    state = universal_state(out)
+    weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ck), tag=os.path.basename(ck))
+    for name, w in weights.items():
+        assert torch.equal(state[name]["fp32"].reshape(w.shape), w.float()), name
+    # AdamW moments: per parameter group, the two ranks' flat partitions concatenated hold every parameter's
+    # moments in the order of DeepSpeed's param_shapes (alignment padding only at the group's end).
+    parts = [torch.load(os.path.join(ck, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), map_location="cpu",
+                        weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"] for r in (0, 1)]
+    groups = torch.load(os.path.join(ck, "mp_rank_00_model_states.pt"), map_location="cpu",
+                        weights_only=True)["param_shapes"]
+    checked = 0
+    for g, shapes in enumerate(groups):
+        flat = {k: torch.cat([p[g][k] for p in parts]) for k in ("exp_avg", "exp_avg_sq")}
+        offset = 0
+        for name, shape in shapes.items():
+            n = int(torch.Size(shape).numel())
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[name][k].reshape(-1), flat[k][offset:offset + n]), (name, k)
+            assert int(state[name]["step"]) == int(parts[0][g]["step"]) == AT
+            offset += n
+            checked += 1
+    assert checked == len([n for n in weights if n != "pos_embed"])  # the fixed sin-cos table is not trained
+    ema, _ = consolidated_ema(ck)
+    assert set(ema) == set(weights)
+    again, seconds_again = ensure_universal(ck)  # once: the verified conversion is reused
+    assert again == out and seconds_again == 0.0
+
+
+def test_tensor_parallel_and_moe_layout_changes_are_refused_before_start(demo_root, tmp_path):
+    from trainer.config.resume import resume_mode
+
+    base = {"world": 2, "data": 2, "tensor": 1, "pipeline": 1, "expert": 1, "zero_stage": 2,
+            "offload_optimizer": False, "offload_param": False, "global_batch": 8}
+    assert resume_mode(base, dict(base, data=4, world=4)) == ("universal", None)
+    assert resume_mode(base, dict(base, zero_stage=1)) == ("native", None)
+    mode, why = resume_mode(base, dict(base, tensor=2, data=1))
+    assert mode == "refused" and "tensor-parallel size 1 -> 2" in why and "not implemented" in why
+    mode, why = resume_mode(base, dict(base, data=1, world=1), moe=True)
+    assert mode == "refused" and "MoE" in why
+    run = str(tmp_path / "run")
+    run_training(1, _over(demo_root, run, "train.max_steps=4"), launcher="python")
+    proc = run_training(2, _over(demo_root, run, "parallel.tensor=2"), check=False)
+    assert proc.returncode == 2 and "tensor-parallel size 1 -> 2" in proc.stdout + proc.stderr

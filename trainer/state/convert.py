@@ -1,0 +1,86 @@
+"""Moving a checkpoint to another parallel layout: DeepSpeed's universal checkpoint for data-parallel layouts.
+
+A DeepSpeed ZeRO checkpoint holds each rank's flat partition of the fp32 weights and AdamW moments, so it loads only
+on the data-parallel size and ZeRO stage it was written with. DeepSpeed's universal checkpoint
+(``deepspeed.checkpoint.ds_to_universal``) re-cuts those partitions into one folder per parameter
+(``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``) that any ZeRO-1/2/3 engine of any data-parallel size loads with
+``"checkpoint": {"load_universal": true}``. Here that conversion is
+
+* done once per checkpoint, into ``checkpoints/universal-stepNNNNNNNN/`` beside the original;
+* atomic: written under ``.tmp-universal-stepNNNNNNNN`` and renamed after its own ``COMPLETE.json`` (sizes and
+  xxh3-128 checksums) is written, so a conversion killed half-way leaves the original checkpoint untouched and
+  usable and is redone by the next launch; a published conversion is verified like a checkpoint before use;
+* run by DeepSpeed's converter in a subprocess (its extract and merge phases use worker processes), on one rank
+  while the others wait, and logged with its time.
+
+The EMA is not part of DeepSpeed's state: ``consolidated_ema`` (trainer/state/consolidate.py) rebuilds the full
+EMA from any layout's files, and ``EMA.load_full`` cuts it for the new layout.
+
+Not covered (refused before start by trainer/config/resume.py): tensor/pipeline parallel layouts (their files hold
+fairscale slices and pipeline-stage names that DeepSpeed's converter does not know) and DeepSpeed-MoE expert files.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from trainer.state import integrity
+
+PREFIX = "universal-"
+
+
+def universal_path(checkpoint: str) -> str:
+    checkpoint = checkpoint.rstrip("/")
+    return os.path.join(os.path.dirname(checkpoint), PREFIX + os.path.basename(checkpoint))
+
+
+def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
+    """The verified universal conversion of ``checkpoint`` (made now if missing or broken); (path, seconds spent)."""
+    out = universal_path(checkpoint)
+    if os.path.isdir(out) and integrity.check_sizes(out) is None and not integrity.check_hashes(out):
+        return out, 0.0
+    parent, tag = os.path.split(out)
+    tmp = os.path.join(parent, ".tmp-" + tag)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a published but broken conversion: redo it
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", checkpoint,
+           "--output_folder", tmp, "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed ({proc.returncode}):\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    stray = os.path.join(parent, "latest_universal")  # the converter's pointer file; we use our own names
+    if os.path.isfile(stray):
+        os.unlink(stray)
+    for name in ("trainer_state.json",):  # the run's own state travels with the conversion
+        shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
+    sizes = integrity.list_files(tmp)
+    integrity.write_manifest(tmp, sizes, {rel: integrity.file_digest(os.path.join(tmp, rel)) for rel in sizes})
+    os.rename(tmp, out)
+    return out, time.perf_counter() - started
+
+
+def universal_state(universal: str) -> dict:
+    """name -> {"fp32", "exp_avg", "exp_avg_sq", "step"} tensors of a universal checkpoint (weights_only loads)."""
+    import torch
+
+    root = os.path.join(universal, "zero")
+    out = {}
+    for name in sorted(os.listdir(root)):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        entry = {}
+        for key in ("fp32", "exp_avg", "exp_avg_sq", "step"):
+            path = os.path.join(folder, f"{key}.pt")
+            if os.path.exists(path):
+                value = torch.load(path, map_location="cpu", weights_only=True)
+                entry[key] = value["param"] if isinstance(value, dict) and "param" in value else value
+        out[name] = entry
+    return out
