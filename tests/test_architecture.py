@@ -21,7 +21,7 @@ ALLOWED = {
 # trainer's layers, bottom first: a module may import its own layer and those below it.
 TRAINER_LAYERS = ["rundir", "config", "engine", "state", "monitor", "loop", "tools", "main"]
 LAYER_OF = {name: i for i, name in enumerate(TRAINER_LAYERS)}
-CLI_SHIMS = {"status", "report", "sample", "export", "evaluate"}  # `python -m trainer.<tool>` entry points
+CLI_SHIMS = {"status", "report", "sample", "export", "evaluate", "convert"}  # `python -m trainer.<tool>` entry points
 MAX_LINES = 420
 
 
