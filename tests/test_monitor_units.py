@@ -124,7 +124,11 @@ def test_stall_is_flagged_alerted_once_and_cleared(tmp_path, capsys):
     run = str(tmp_path)
     metrics = Metrics([JsonlSink(run)])
     clock = [1000.0]
-    dog = Watchdog(run, stall_seconds=60, interval=1, alert=metrics.alert, clock=lambda: clock[0])
+    from trainer.state.lease import Lease
+
+    lease = Lease(run, timeout=300)  # a live run holds the run directory; status reads its holder
+    lease.acquire()
+    dog = Watchdog(run, stall_seconds=60, interval=1, alert=metrics.alert, clock=lambda: clock[0], lease=lease)
     dog.beat(5)
     assert dog.check(now=1030.0) is False
     hb = json.load(open(os.path.join(run, "heartbeat.json")))

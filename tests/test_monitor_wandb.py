@@ -139,7 +139,12 @@ def test_metrics_jsonl_has_every_metric_with_sane_values(monitored_run):
     last = records[-1]
     assert last["eta_sec"] == 0 and last["progress"] == 1.0
     good = [r for r in records if r["step"] != 3]
-    assert all(isinstance(r["loss_q0"], float) and r["loss_q0"] > 0 for r in good)
+    # Each quartile's mean is positive, or "nan" in a log window none of whose 8 samples drew a timestep in it
+    # (telemetry.quartile_means); over the run every quartile is seen.
+    for k in range(4):
+        values = [r[f"loss_q{k}"] for r in good]
+        assert all(v == "nan" or isinstance(v, float) and v > 0 for v in values), (k, values)
+        assert any(isinstance(v, float) and v > 0 for v in values), (k, values)
 
 
 def test_nan_step_is_skipped_counted_and_changes_no_weights(monitored_run):
