@@ -35,7 +35,7 @@ def _env() -> dict:
     return env
 
 
-def run_training(nprocs: int, overrides: list[str], *, timeout: float = 300, check: bool = True, **kw):
+def run_training(nprocs: int, overrides: list[str], *, timeout: float = 900, check: bool = True, **kw):
     cmd = train_cmd(nprocs, overrides, **kw)
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

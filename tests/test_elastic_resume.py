@@ -51,8 +51,7 @@ def _from_step(src: str, dst: str) -> str:
 @pytest.mark.parametrize("source,nprocs,ds_config", [
     ("zero2", 1, "zero2.json"),   # fewer nodes
     ("zero2", 4, "zero2.json"),   # more GPUs
-    ("zero2", 2, "zero3.json"),   # memory got tight
-    ("zero3", 2, "zero2.json"),
+    ("zero3", 1, "zero3.json"),   # ZeRO-3, fewer ranks
 ])
 def test_resume_on_another_data_parallel_layout_continues_the_same_run(references, demo_root, tmp_path, source,
                                                                         nprocs, ds_config):
@@ -107,7 +106,7 @@ def test_the_conversion_is_bit_exact_and_a_killed_conversion_leaves_the_original
             checked += 1
     assert checked == len([n for n in weights if n != "pos_embed"])  # the fixed sin-cos table is not trained
     ema, _ = consolidated_ema(ck)
-    assert set(ema) == set(weights)
+    assert set(ema) == set(weights) - {"pos_embed"}  # the fixed sin-cos table is neither trained nor averaged
     again, seconds_again = ensure_universal(ck)  # once: the verified conversion is reused
     assert again == out and seconds_again == 0.0
     # The archive command: one weights_only-loadable fp32 file with weights, moments, EMA and state.
@@ -129,6 +128,10 @@ def test_tensor_parallel_and_moe_layout_changes_are_refused_before_start():
             "offload_optimizer": False, "offload_param": False, "global_batch": 8}
     assert resume_mode(base, dict(base, data=4, world=4)) == ("universal", None)
     assert resume_mode(base, dict(base, zero_stage=1)) == ("native", None)
+    assert resume_mode(base, dict(base, zero_stage=1, data=1, world=1)) == ("universal", None)
+    for saved_stage, new_stage in ((2, 3), (3, 2), (3, 1)):
+        mode, why = resume_mode(dict(base, zero_stage=saved_stage), dict(base, zero_stage=new_stage))
+        assert mode == "refused" and f"ZeRO stage {saved_stage} -> {new_stage}" in why and "formats" in why
     mode, why = resume_mode(base, dict(base, tensor=2, data=1))
     assert mode == "refused" and "tensor-parallel size 1 -> 2" in why and "not implemented" in why
     assert resume_mode(dict(base, tensor=2, data=1), dict(base, tensor=2, data=1, zero_stage=1)) == ("native", None)

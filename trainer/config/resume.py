@@ -8,8 +8,10 @@ silently loading partitions into the wrong ranks).
 
 What resumes as is ("native"): the same data/tensor/pipeline/expert sizes, and ZeRO-1 <-> ZeRO-2 with or without
 optimizer offload (the same flat partitions per rank). What resumes through a one-time conversion ("universal",
-trainer/state/convert.py): any data-parallel size and any ZeRO stage 1/2/3, with or without offload, for data-
-parallel layouts of a dense model (tensor = pipeline = expert = 1 before and after). Tensor/pipeline/expert-size
+trainer/state/convert.py): any data-parallel size within ZeRO-1/2 or within ZeRO-3, with or without optimizer
+offload, for data-parallel layouts of a dense model (tensor = pipeline = expert = 1 before and after). ZeRO-1/2 <->
+ZeRO-3 across a data-parallel change or ZeRO-2 -> 3 is refused: DeepSpeed 0.19 writes the two families' universal
+optimizer state in different formats. Tensor/pipeline/expert-size
 changes, and any layout change of a tensor/pipeline-parallel or MoE run, are refused: their files hold fairscale
 slices, pipeline-stage names or DeepSpeed-MoE expert files that the conversion does not cover yet.
 A changed global batch resumes only with ``train.allow_batch_change=true``; the run then continues at the saved
@@ -76,6 +78,12 @@ def resume_mode(saved: dict, current: dict, moe: bool = False) -> tuple[str, Opt
                                                                 f"{current.get('zero_stage')}"
         why = "an MoE model" if moe else f"{'/'.join(model_parallel)} parallelism"
         return "refused", f"{what}, with {why}: a layout conversion for it is not implemented yet"
+    family = {1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+    if family.get(saved.get("zero_stage")) != family.get(current.get("zero_stage")):
+        return "refused", (f"ZeRO stage {saved.get('zero_stage')} -> {current.get('zero_stage')}: DeepSpeed 0.19's "
+                           f"universal checkpoint keeps ZeRO-1/2 and ZeRO-3 optimizer state in different global formats, "
+                           f"and a conversion between them is not implemented yet (data-parallel size changes within "
+                           f"ZeRO-1/2 or within ZeRO-3 are)")
     return "universal", None
 
 

@@ -30,6 +30,7 @@ import time
 from trainer.state import integrity
 
 PREFIX = "universal-"
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def universal_path(checkpoint: str) -> str:
@@ -60,6 +61,16 @@ def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
         os.unlink(stray)
     for name in ("trainer_state.json",):  # the run's own state travels with the conversion
         shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
+    # DeepSpeed reads only metadata from the model-states file of a universal checkpoint (LR scheduler, step and
+    # sample counters: the weights come from zero/), and looks for it under the target's naming: mp_rank_00_... for
+    # ZeRO-1/2 targets, zero_pp_rank_0_mp_rank_00_... for ZeRO-3. The converter copies it for ZeRO-1/2 sources only.
+    source = next((os.path.join(checkpoint, n) for n in MODEL_STATES if os.path.isfile(os.path.join(checkpoint, n))), None)
+    if source is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"{checkpoint} has no DeepSpeed model-states file ({' or '.join(MODEL_STATES)})")
+    for name in MODEL_STATES:
+        if not os.path.isfile(os.path.join(tmp, name)):
+            shutil.copy2(source, os.path.join(tmp, name))
     sizes = integrity.list_files(tmp)
     integrity.write_manifest(tmp, sizes, {rel: integrity.file_digest(os.path.join(tmp, rel)) for rel in sizes})
     os.rename(tmp, out)
