@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     common = ["--config", "configs/tiny.yaml", "--ds_config", "zero2.json", f"data.root={args.data}",
               f"run.dir={args.run}", f"model.name={args.model}", "model.hidden_size=null", "model.depth=null",
               "model.num_heads=null", "model.patch_size=null", "train.global_batch=4", "train.micro_batch=1",
-              "checkpoint.every=1", "sample.per_class=1", "sample.steps=1", "sample.classes=[0]",
+              "checkpoint.every=1", "sample.per_class=1", "sample.steps=2", "sample.classes=[0]",
               "log.stall_minutes=0"]
     train2, _ = _run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "trainer/main.py", *common,
                       "train.max_steps=1"])

@@ -43,6 +43,9 @@ def validate_values(cfg: RunConfig) -> None:
                           f"heartbeats (log.heartbeat_seconds={cfg.log.heartbeat_seconds}), or a live run would look dead")
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' is not set")
+    if cfg.sample.method in ("ddim", "ddpm") and cfg.sample.steps < 2:
+        raise ConfigError(f"config key 'sample.steps'={cfg.sample.steps}: the respaced diffusion samplers need at least "
+                          f"2 steps (a 1-step schedule has no posterior variance)")
     if cfg.objective.kind == "flow" and cfg.sample.method in ("ddim", "ddpm"):
         raise ConfigError(f"sample.method={cfg.sample.method} is a diffusion sampler; objective.kind=flow uses euler or heun")
     if cfg.objective.kind == "diffusion" and cfg.sample.method in ("euler", "heun"):
