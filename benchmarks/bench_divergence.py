@@ -6,6 +6,8 @@ with the settings each run was trained with (its config.yaml: log.every, log.spi
 
 * healthy runs: every alert is a false alarm. The rule it replaced (a logged loss above 3x the median of the last
   50) is replayed beside it on the same records;
+* ablation: the same detector on the logged loss alone (``by_timestep=False``), to show what the timestep
+  matching buys;
 * injected excursions: for every possible onset after the detector's warm-up, the losses of 5 consecutive
   training steps are multiplied by 10 and the records rebuilt from them, and the detection delay (first alerting
   step minus onset, in steps) is recorded. With log.every = 1 a record is one step. With log.every = k a record's
@@ -46,14 +48,14 @@ def load_run(run_dir: str) -> tuple[list[dict], dict]:
     return records, cfg
 
 
-def detector_for(cfg: dict):
+def detector_for(cfg: dict, by_timestep: bool = True):
     from trainer.monitor.divergence import DivergenceDetector, sustain_records
 
     log = cfg.get("log", {})
     return DivergenceDetector(factor=float(log.get("spike_factor", 3.0)), budget=float(log.get("spike_budget", 1e-4)),
                               log_every=int(log.get("every", 1)),
                               sustain=sustain_records(int(cfg.get("train", {}).get("blowup_steps", 20)),
-                                                      int(log.get("every", 1))))
+                                                      int(log.get("every", 1))), by_timestep=by_timestep)
 
 
 def old_rule_alerts(records: list[dict], factor: float = 3.0, window: int = 50, min_history: int = 10) -> int:
@@ -77,8 +79,8 @@ def _num(v):
     return v if math.isfinite(v) else None
 
 
-def replay(records: list[dict], cfg: dict) -> dict:
-    d = detector_for(cfg)
+def replay(records: list[dict], cfg: dict, by_timestep: bool = True) -> dict:
+    d = detector_for(cfg, by_timestep)
     verdicts = [v for v in (d.update(r) for r in records) if v is not None]
     alerts = [v for v in verdicts if v.alert]
     margin = min(v.threshold / v.statistic for v in verdicts)
@@ -110,7 +112,7 @@ def with_excursion(records: list[dict], every: int, onset: int) -> list[dict]:
     return out
 
 
-def excursions(records: list[dict], cfg: dict, warmup_records: int = 60) -> dict:
+def excursions(records: list[dict], cfg: dict, warmup_records: int = 60, by_timestep: bool = True) -> dict:
     """Onsets are tried at every step whose record has ``warmup_records`` records of its stage before it (the
     detector needs a baseline: it starts afresh at each stage) and whose excursion ends inside that stage."""
     every = int(cfg.get("log", {}).get("every", 1))
@@ -127,7 +129,7 @@ def excursions(records: list[dict], cfg: dict, warmup_records: int = 60) -> dict
         if not all(s in ok_steps for s in range(onset, onset + LENGTH + 2 * every)) or onset + LENGTH + 2 * every > last:
             continue
         tried += 1
-        d = detector_for(cfg)
+        d = detector_for(cfg, by_timestep)
         found = None
         for r in with_excursion(records, every, onset):
             v = d.update(r)
@@ -180,7 +182,10 @@ def main(argv=None) -> int:
         res = {"run_dir": os.path.abspath(run_dir), "steps": int(records[-1]["step"]),
                "log_every": int(cfg.get("log", {}).get("every", 1)),
                "spike_factor": float(cfg.get("log", {}).get("spike_factor", 3.0)),
-               "healthy": replay(records, cfg), "injected": excursions(records, cfg)}
+               "healthy": replay(records, cfg), "injected": excursions(records, cfg),
+               # ablation: the same filter and budget on the logged loss alone (no timestep matching)
+               "untimed_healthy": replay(records, cfg, by_timestep=False),
+               "untimed_injected": excursions(records, cfg, by_timestep=False)}
         record["runs"][name] = res
         h, e = res["healthy"], res["injected"]
         print(f"{name}: {h['records']} records (log.every={res['log_every']}), false alarms {h['false_alarms']} "
@@ -190,6 +195,10 @@ def main(argv=None) -> int:
         print(f"  10x for 5 steps at {e['onsets_tried']} onsets: detected {e['detected']}, missed {e['missed']}, "
               f"within the 5 steps {e['detected_within_excursion']}; delay max {e['delay_steps_max']} steps, "
               f"median {e['delay_steps_median']}, histogram {e['delay_steps_histogram']}")
+        uh, ue = res["untimed_healthy"], res["untimed_injected"]
+        print(f"  ablation, loss alone: false alarms {uh['false_alarms']}, threshold {uh['threshold_min']:.2f}-"
+              f"{uh['threshold_max']:.2f}x, caught {ue['detected']}/{ue['onsets_tried']}, within the 5 steps "
+              f"{ue['detected_within_excursion']}")
     write_results(args.out, record)
     return 0
 

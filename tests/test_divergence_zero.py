@@ -1,6 +1,6 @@
 """Real non-finite forwards and NaN gradients leave no trace, on ZeRO-1/2/3 and the pipeline engine (2 CPU ranks).
 
-Each layout trains configs/tiny.yaml for 6 steps (global batch 8; data-parallel runs: micro-batch 2, so two
+Each layout (ZeRO-1/2/3 data parallel, and pipeline parallel without ZeRO) trains configs/tiny.yaml for 6 steps (global batch 8; data-parallel runs: micro-batch 2, so two
 micro-steps per rank and step) with two faults in the network (trainer/monitor/faults.py, DIT_FAULT_ACTIVATION):
 
   step 3  an activation overflow in a DiT block on ONE rank (data parallel: rank 1, its second micro-step, after the
@@ -26,6 +26,7 @@ from trainer.rundir import read_jsonl
 
 STEPS = 6
 G = 8
+ZERO0 = "zero0"  # written by the fixture: {"zero_optimization": {"stage": 0}}
 # layout -> (ds config, overrides, activation faults)
 LAYOUTS = {
     "zero1": ("zero1.json", ["train.micro_batch=2"],
@@ -35,7 +36,10 @@ LAYOUTS = {
     "zero3": ("zero3.json", ["train.micro_batch=2"],
               "steps=3;ranks=1;micro=1;block=0 | steps=4;ranks=0;micro=0;block=1;kind=grad_nan"),
     # PP=2 on 2 ranks: block 0 lives on stage 0 (rank 0), block 1 on stage 1 (rank 1); 2 micro-batches per step.
-    "pp2": ("zero1.json", ["parallel.pipeline=2", "train.micro_batch=4"],
+    # Without ZeRO (stage 0) DeepSpeed has no overflow check of its own, so only the loop's pipeline guard
+    # (trainer/loop/pipeline_step.py) stands between the NaN gradients and the weights; under ZeRO-1 the pipeline
+    # engine also gets DeepSpeed's overflow path, the one the zero1 row exercises.
+    "pp2": (ZERO0, ["parallel.pipeline=2", "train.micro_batch=4"],
             "steps=3;ranks=0;block=0 | steps=4;ranks=1;block=1;kind=grad_nan"),
 }
 
@@ -62,6 +66,10 @@ def runs(demo_root, tmp_path_factory):
             ds, extra, faults = LAYOUTS[layout]
             base = tmp_path_factory.mktemp(layout)
             faulted, ref = str(base / "faulted"), str(base / "ref")
+            if ds == ZERO0:
+                ds = str(base / "zero0.json")
+                with open(ds, "w") as f:
+                    json.dump({"zero_optimization": {"stage": 0}}, f)
             proc = run_training(2, _over(demo_root, faulted, extra), ds_config=ds, timeout=600,
                                 extra_env={"DIT_FAULT_ACTIVATION": faults})
             state = json.load(open(os.path.join(_ck(faulted, 2), "trainer_state.json")))

@@ -64,12 +64,14 @@ def guarded_step(trainer):
 
     def step(*args, **kwargs):
         sums = par.loss.sums if engine.is_last_stage() else None
-        bad = torch.tensor([1.0 if local_nonfinite(sums, engine.module.parameters()) else 0.0], device=trainer.device)
+        flags = torch.tensor([float(f) for f in local_nonfinite(sums, engine.module.parameters())],
+                             device=trainer.device)  # (2,): loss, gradients
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        skip = bool(bad.item() > 0)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_bad, grads_bad = (bool(v > 0) for v in flags.tolist())
+        skip = loss_bad or grads_bad
         if skip:
-            trainer.monitor.mark_nonfinite()
+            trainer.monitor.mark_nonfinite("loss" if loss_bad else "gradients")
         with optimizer_update_skipped(engine, skip):
             return original(*args, **kwargs)
 

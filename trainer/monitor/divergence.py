@@ -70,8 +70,11 @@ class Verdict:
 
 class DivergenceDetector:
     def __init__(self, factor: float = 3.0, budget: float = 1e-4, log_every: int = 1, sustain: int = 10,
-                 window: int = 50, min_history: int = 10):
+                 window: int = 50, min_history: int = 10, by_timestep: bool = True):
+        """``by_timestep=False`` ignores the quartile losses (every record is judged like one without them): the
+        ablation benchmarks/bench_divergence.py measures the timestep matching against."""
         self.factor = factor
+        self.by_timestep = by_timestep
         self.z = statistics.NormalDist().inv_cdf(1.0 - budget)
         self.every = max(1, int(log_every))
         self.m = filter_length(self.every)
@@ -121,7 +124,7 @@ class DivergenceDetector:
             self.reset()
         step = int(record.get("step", 0))
         values = {k: _positive(record.get(k)) for k in QUARTILE_KEYS + ("loss",)}
-        quartiles = [k for k in QUARTILE_KEYS if values[k] is not None]
+        quartiles = [k for k in QUARTILE_KEYS if values[k] is not None] if self.by_timestep else []
         ratios = [r for r in (self._ratio(k, values[k]) for k in quartiles) if r is not None]
         if not quartiles and values["loss"] is not None:  # no timestep split logged: the loss against its own history
             r = self._ratio("loss", values["loss"])

@@ -49,7 +49,7 @@ class Monitor:
         self.verdict, self.logged = None, False
         self.fp16 = cfg.train.precision == "fp16"
         self.lr_position = None
-        self.step_skipped = False
+        self.step_skipped, self.nonfinite_what = False, "gradients"
         self.skipped_since_log = 0
         self.sec_per_step = None  # smoothed, for the ETA
         self.peak, self.peak_source = float("nan"), "not measured"
@@ -94,13 +94,13 @@ class Monitor:
         """Collective. True when this step has to be skipped (its loss is NaN/Inf on some rank)."""
         t0 = time.perf_counter()
         if self.nan.any_nonfinite(total):
-            self.step_skipped = True
+            self.step_skipped, self.nonfinite_what = True, "loss"
         self.timer.add("sync", time.perf_counter() - t0)
         return self.step_skipped
 
-    def mark_nonfinite(self) -> None:
-        """The pipeline step's guard found a non-finite loss or gradient (agreed across ranks): skip this step."""
-        self.step_skipped = True
+    def mark_nonfinite(self, what: str) -> None:
+        """The pipeline step's guard found a non-finite ``what`` (loss / gradients; agreed across ranks): skip."""
+        self.step_skipped, self.nonfinite_what = True, what
 
     def timesteps(self, t: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         if per_sample_loss.ndim == 0 or per_sample_loss.shape[0] != t.shape[0]:
@@ -112,7 +112,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> None:
-        self.step_skipped = False
+        self.step_skipped, self.nonfinite_what = False, "gradients"
         state, tr = self.tr.state, self.tr
         self.lr_position = getattr(getattr(tr, "scheduler", None), "last_step", None)
         batch = tr.stages[min(state.stage, len(tr.stages) - 1)].global_batch
@@ -139,8 +139,9 @@ class Monitor:
             state.nan_skipped += 1
             self.skipped_since_log += 1
             if self.logging and nonfinite:
-                what = "loss is NaN/Inf" if own else "gradients are NaN/Inf (DeepSpeed skipped the update)"
-                self.tr.metrics.alert("non-finite loss" if own else "non-finite gradients",
+                loss = own and self.nonfinite_what == "loss"
+                what = "loss is NaN/Inf" if loss else "gradients are NaN/Inf" + ("" if own else " (DeepSpeed skipped it)")
+                self.tr.metrics.alert("non-finite loss" if loss else "non-finite gradients",
                                       f"step {state.step}: {what}; step skipped ({self.nan.in_row} in a row, "
                                       f"{state.nan_skipped} in total, act at {self.nan.max_in_row})", "WARN")
         if self.watchdog is not None:

@@ -93,15 +93,12 @@ def realign_lr(scheduler, position: int) -> None:
         scheduler.load_state_dict({"last_step": position})
 
 
-def local_nonfinite(loss_sums, params) -> bool:
+def local_nonfinite(loss_sums, params) -> tuple[bool, bool]:
     """This rank's view for the pipeline engine, which runs forward, backward and step inside one ``train_batch``:
-    True when the last stage's loss sums or any gradient this rank holds is NaN/Inf (no collective)."""
+    (the last stage's loss sums are NaN/Inf, a gradient this rank holds is NaN/Inf); no collective."""
     import torch
 
-    if loss_sums is not None and not bool(torch.isfinite(loss_sums).all()):
-        return True
+    loss_bad = loss_sums is not None and not bool(torch.isfinite(loss_sums).all())
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return False
-    norms = torch._foreach_norm(grads)  # one reduction per tensor; inf/NaN anywhere shows in its norm
-    return not bool(torch.isfinite(torch.stack(norms)).all())
+    norms = torch._foreach_norm(grads) if grads else []  # one reduction per tensor: inf/NaN anywhere shows
+    return loss_bad, bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
