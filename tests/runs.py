@@ -1,7 +1,9 @@
 """Launch real training runs (1 process, or N CPU ranks through the deepspeed launcher / torchrun)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +37,11 @@ def _env() -> dict:
     return env
 
 
-def run_training(nprocs: int, overrides: list[str], *, timeout: float = 900, check: bool = True, **kw):
+def run_training(nprocs: int, overrides: list[str], *, timeout: float = 900, check: bool = True,
+                 extra_env: dict | None = None, **kw):
     cmd = train_cmd(nprocs, overrides, **kw)
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(_env(), **(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
@@ -89,3 +93,60 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def resume_copy(src_checkpoint: str, run_dir: str, **state_changes) -> str:
+    """A fresh run directory holding only ``src_checkpoint`` (as its newest), with ``trainer_state.json`` fields
+    changed (e.g. ``data_position``: the run resumed there skips the samples in between) and COMPLETE.json re-sealed,
+    so the trainer's checksum check accepts the edit. Returns the copied checkpoint's path."""
+    from trainer.state import integrity
+
+    tag = os.path.basename(src_checkpoint.rstrip("/"))
+    dst = os.path.join(run_dir, "checkpoints", tag)
+    shutil.copytree(src_checkpoint, dst)
+    with open(os.path.join(run_dir, "checkpoints", "latest"), "w") as f:
+        f.write(tag + "\n")
+    state_file = os.path.join(dst, "trainer_state.json")
+    state = json.load(open(state_file))
+    state.update(state_changes)
+    with open(state_file, "w") as f:
+        json.dump(state, f, indent=2)
+    sizes = integrity.list_files(dst)
+    integrity.write_manifest(dst, sizes, {rel: integrity.file_digest(os.path.join(dst, rel)) for rel in sizes})
+    return dst
+
+
+def _flat_tensors(obj, prefix=""):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flat_tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flat_tensors(v, f"{prefix}[{i}]")
+
+
+def checkpoint_tensors(path: str) -> dict:
+    """Every tensor in every ``.pt`` file of a checkpoint but the RNG states, keyed 'file:path.in.file': weights,
+    ZeRO fp32 partitions, AdamW moments and step counts, EMA (plain or sharded). DeepSpeed's own files are pickles
+    (tests only: the trainer never unpickles)."""
+    import torch
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".pt") and not name.startswith("rng_"):
+            obj = torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)
+            out.update({f"{name}:{k}": v for k, v in _flat_tensors(obj)})
+    return out
+
+
+def lr_position(path: str) -> int:
+    """The LR schedule position (applied optimizer steps) a checkpoint holds."""
+    import torch
+
+    name = next(n for n in sorted(os.listdir(path)) if n.endswith("mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_...
+    sd = torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)
+    return int(sd["lr_scheduler"]["last_step"])

@@ -181,7 +181,11 @@ def test_a_killed_but_unreaped_holder_and_a_reused_pid_count_as_dead():
     if pid == 0:
         os._exit(0)
     try:
-        time.sleep(0.2)  # exited, not reaped: a zombie
+        from trainer.state.lease import _proc_stat
+
+        deadline = time.time() + 30  # exited, not reaped: a zombie once the (possibly busy) kernel has run it
+        while (_proc_stat(pid) or ["Z"])[0] != "Z" and time.time() < deadline:
+            time.sleep(0.05)
         assert not pid_alive(pid)
         assert pid_alive(os.getpid(), process_start_time(os.getpid()))
         assert not pid_alive(os.getpid(), process_start_time(os.getpid()) + 1)  # same pid, another process

@@ -1,4 +1,4 @@
-"""Monitoring arithmetic and alert logic without a training run: MFU, quartiles, MoE load, spikes,
+"""Monitoring arithmetic and alert logic without a training run: MFU, quartiles, MoE load,
 NaN-step skipping on a plain optimizer, the stall watchdog (driven by explicit times), W&B scrubbing,
 sink isolation, and the report tool."""
 import json
@@ -11,7 +11,6 @@ import torch
 from trainer.monitor import telemetry
 from trainer.monitor.faults import fault_nan_steps
 from trainer.monitor.nan_guard import NanGuard, basic_optimizer, optimizer_update_skipped
-from trainer.monitor.spikes import LossSpikeDetector
 from trainer.monitor.watchdog import Watchdog
 from trainer.monitor.metrics import JsonlSink, Metrics
 from trainer.rundir import read_jsonl
@@ -68,13 +67,6 @@ def test_memory_and_eta():
     m = telemetry.memory_stats(torch.device("cpu"))
     assert 0.01 < m["rss_gb"] <= m["max_rss_gb"] + 0.01
     assert telemetry.eta_seconds(40, 100, 2.0) == 120.0 and telemetry.eta_seconds(100, 100, 2.0) == 0.0
-
-
-def test_spike_detector():
-    d = LossSpikeDetector(factor=3.0, window=20, min_history=5)
-    assert [d.check(x) for x in [1.0, 1.1, 0.9, 1.0, 1.05]] == [None] * 5
-    assert d.check(2.5) is None and d.check(float("nan")) is None
-    assert d.check(4.0) == pytest.approx(1.025)
 
 
 def test_fault_hook_parsing():

@@ -2,8 +2,8 @@
 
 One run (module fixture) trains 6 steps with W&B offline, a fake WANDB_API_KEY in its environment and
 a NaN injected into the loss of step 3 on rank 0 only. A copy of it is resumed with NaNs at steps 8
-and 9 and ``train.max_nan_steps=2``, which must reuse the W&B run id and stop with a checkpoint of
-the last good weights.
+and 9, ``train.max_nan_steps=2`` and rollbacks off (``train.max_rollbacks=0``; tests/test_rollback.py has them
+on), which must reuse the W&B run id and stop with a checkpoint of the last good weights.
 """
 import glob
 import json
@@ -89,7 +89,7 @@ def resumed_nan_stop_run(demo_root, monitored_run, tmp_path_factory):
     src, _ = monitored_run
     run_dir = str(tmp_path_factory.mktemp("resumed") / "run")
     shutil.copytree(src, run_dir)
-    proc = _run(_overrides(demo_root, run_dir, 12, "train.max_nan_steps=2"),
+    proc = _run(_overrides(demo_root, run_dir, 12, "train.max_nan_steps=2", "train.max_rollbacks=0"),
                 {"WANDB_API_KEY": FAKE_KEY, "DIT_FAULT_NAN_STEPS": "8,9"})
     return run_dir, proc
 

@@ -30,6 +30,8 @@ LATEST = "latest"                   # inside checkpoints/: the newest published 
 SAMPLES = "samples"                 # EMA sample grids
 LAUNCH = "launch"                   # per-attempt launch records of the Slurm launcher
 LAUNCH_HISTORY = "history.jsonl"    # inside launch/: one record per attempt
+ROLLBACKS = "rollbacks.jsonl"       # one record per automatic rollback (and the data window it skipped)
+DIVERGED = "diverged"               # inside checkpoints/: checkpoints written after a divergence began, set aside
 CHECKPOINT_COMPLETE = "COMPLETE.json"  # inside each checkpoint: file list (sizes, checksums), written last
 
 
@@ -61,14 +63,19 @@ def launch_dir(run_dir: str) -> str:
     return path(run_dir, LAUNCH)
 
 
+def rollbacks_path(run_dir: str) -> str:
+    return path(run_dir, ROLLBACKS)
+
+
 # --------------------------------------------------------------------------- exit codes
 # One meaning per number, shared by the trainer (trainer/main.py, the loop) and the launcher (cluster/launch.py).
 EXIT_OK = 0
 EXIT_FAILED = 1             # an unhandled error in a rank (traceback in the log, 'error' event in events.jsonl)
 EXIT_CONFIG_ERROR = 2       # bad config, DeepSpeed JSON, shard set or layout: nothing started
-EXIT_NAN_STOP = 3           # train.max_nan_steps non-finite steps in a row: stopped with the last good checkpoint
+EXIT_NAN_STOP = 3           # train.max_nan_steps non-finite steps in a row, no rollback (off, or no checkpoint before)
 EXIT_LAUNCH_ERROR = 4       # the launcher could not start the ranks (allocation, health check, launcher missing)
 EXIT_RUN_DIR_BUSY = 5       # another live run holds run.dir (refused at start, or this run's lease was taken over)
+EXIT_DIVERGED = 6           # diverged again after train.max_rollbacks rollbacks (or none possible): last good checkpoint kept
 EXIT_PREEMPTED = 75         # checkpointed on USR1/TERM for a requeue (EX_TEMPFAIL)
 
 EXIT_CODES = {
@@ -78,6 +85,7 @@ EXIT_CODES = {
     EXIT_NAN_STOP: "stopped after non-finite steps (last good checkpoint kept)",
     EXIT_LAUNCH_ERROR: "launch error (ranks not started)",
     EXIT_RUN_DIR_BUSY: "run directory held by another run",
+    EXIT_DIVERGED: "diverged; rollbacks used up or impossible (last good checkpoint kept)",
     EXIT_PREEMPTED: "preempted: checkpointed for requeue",
 }
 

@@ -102,7 +102,9 @@ class TrainSection:
     ema_decay: float = 0.9999
     ema_every: int = 1
     allow_batch_change: bool = False  # resume with another global batch, continuing at the same sample position
-    max_nan_steps: int = 5  # stop (with a checkpoint of the last good weights) after this many non-finite steps in a row
+    max_nan_steps: int = 5  # this many non-finite steps in a row: roll back (max_rollbacks > 0) or stop
+    max_rollbacks: int = 3  # automatic rollbacks to the last good checkpoint; past them the run stops (exit 6)
+    blowup_steps: int = 20  # a loss spike lasting this many steps (in logged records) is a blow-up: roll back (0 = alert only)
 
 
 @dataclass
@@ -122,7 +124,8 @@ class LogSection:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU table by device name, or a measured matmul on CPU
     stall_minutes: float = 30.0  # no optimizer step for this long -> stall alert (0 = no alert; heartbeat still written)
     heartbeat_seconds: float = 30.0  # how often the logging rank rewrites run.dir/heartbeat.json
-    spike_factor: float = 3.0  # loss above factor x its running median -> loss-spike alert (0 = off)
+    spike_factor: float = 3.0  # timestep-matched loss above factor x its baseline -> spike (0 = off): monitor/divergence.py
+    spike_budget: float = 1e-4  # false alarms per logged record the spike threshold is set to allow
 
 
 @dataclass

@@ -15,7 +15,8 @@ POSITIVE = ("train.max_steps", "train.global_batch", "train.micro_batch", "log.e
             "checkpoint.keep_last", "sample.per_class", "sample.steps", "train.ema_every", "run.lease_timeout_minutes",
             "log.heartbeat_seconds")
 NON_NEGATIVE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-                "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes", "log.stall_minutes")
+                "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes", "log.stall_minutes",
+                "train.max_nan_steps", "train.max_rollbacks", "train.blowup_steps", "log.spike_factor")
 
 
 def validate_values(cfg: RunConfig) -> None:
@@ -31,6 +32,10 @@ def validate_values(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_dotted(cfg, key)}")
     if not 0.0 <= cfg.train.ema_decay <= 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1], got {cfg.train.ema_decay}")
+    if not 0.0 < cfg.log.spike_budget < 0.5:
+        raise ConfigError(f"config key 'log.spike_budget' must be in (0, 0.5), got {cfg.log.spike_budget}")
+    if 0 < cfg.log.spike_factor <= 1.0:
+        raise ConfigError(f"config key 'log.spike_factor' must be 0 (off) or > 1, got {cfg.log.spike_factor}")
     if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
         raise ConfigError(f"config key 'model.class_dropout_prob' must be in [0, 1), got {cfg.model.class_dropout_prob}")
     moe = cfg.model.moe

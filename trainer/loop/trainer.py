@@ -19,7 +19,7 @@ from trainer.config.model import architecture
 from trainer.config.resume import layout_record, resume_mode
 from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
-from trainer.config.stages import Stage
+from trainer.config.stages import Stage, stage_at
 from trainer.config.topology import Topology
 from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
 from trainer.engine.lr_schedule import StageLRScheduler
@@ -29,12 +29,13 @@ from trainer.loop.data import make_stream
 from trainer.loop.grids import ema_sample_grid
 from trainer.loop.ownership import load_converted, report_run_dir_events, rewind_metrics, take_run_dir
 from trainer.loop.preemption import PreemptionFlag
+from trainer.loop.rollback import RESTORED, Recovery
 from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, set_rng_state, step_generator
 from trainer.monitor.faults import fault_pause_after_checkpoint
 from trainer.monitor.metrics import Metrics, build_metrics
 from trainer.monitor.monitor import Monitor
 from trainer.monitor.nan_guard import optimizer_update_skipped
-from trainer.rundir import EXIT_NAN_STOP, EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
+from trainer.rundir import EXIT_PREEMPTED, EXIT_RUN_DIR_BUSY
 from trainer.state import checkpoint as ckpt
 from trainer.state.lease import RunDirBusy
 from trainer.state.parallel_ema import make_ema
@@ -113,6 +114,7 @@ class Trainer:
         self.metrics = self._build_metrics()
         report_run_dir_events(self.metrics, self.skipped_checkpoints, self.lease_taken, self.state.step)
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
+        self.recovery = Recovery(self)  # trainer/loop/rollback.py: divergence -> rollback, recorded data skips
 
     def _build_metrics(self) -> Metrics:
         return build_metrics(self.cfg, self.run_dir, self.state, self._is_logging_rank())
@@ -122,24 +124,7 @@ class Trainer:
         # incomplete newer ones are skipped with the file named (and reported in events.jsonl below).
         path, self.skipped_checkpoints = ckpt.find_verified(self.ckpt_dir)
         if path is not None:
-            saved = ckpt.read_trainer_state(path)
-            ckpt.check_model_config(saved.model_config, self.arch)
-            stage = self._stage_for_state(saved)
-            self._set_stage_shape(stage)
-            mode, problem = resume_mode(saved.layout or layout_record(self.topo, self.ds, stage),
-                                        layout_record(self.topo, self.ds, stage), moe=self.arch.moe is not None)
-            if mode == "refused":
-                raise RuntimeError(f"cannot resume {path} under this layout: {problem}")
-            if mode == "universal":  # another data-parallel size or ZeRO stage: DeepSpeed's universal checkpoint
-                load_converted(self.engine, self.ema, path, self.rank)
-            else:
-                load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=os.path.basename(path))
-                if load_path is None:
-                    raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-                self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
-            rng = ckpt.load_rng_state(path, self.rank)
-            if rng is not None:
-                set_rng_state(rng)
+            saved = self._restore(path)
             self.state = saved
             log0(f"resumed from {path} at step {saved.step} (stage {saved.stage})")
         elif self.cfg.checkpoint.init_from:
@@ -154,6 +139,29 @@ class Trainer:
         self.state.model_config = self.arch.to_dict()
         if self.rank == 0:
             rewind_metrics(self.run_dir, self.state.step)
+
+    def _restore(self, path: str) -> ckpt.TrainerState:
+        """Collective: engine (weights, optimizer, LR schedule), EMA and RNGs from checkpoint ``path``; returns its
+        trainer state. Resume and rollback (trainer/loop/rollback.py) both come through here."""
+        saved = ckpt.read_trainer_state(path)
+        ckpt.check_model_config(saved.model_config, self.arch)
+        stage = self._stage_for_state(saved)
+        self._set_stage_shape(stage)
+        mode, problem = resume_mode(saved.layout or layout_record(self.topo, self.ds, stage),
+                                    layout_record(self.topo, self.ds, stage), moe=self.arch.moe is not None)
+        if mode == "refused":
+            raise RuntimeError(f"cannot resume {path} under this layout: {problem}")
+        if mode == "universal":  # another data-parallel size: DeepSpeed's universal checkpoint
+            load_converted(self.engine, self.ema, path, self.rank)
+        else:
+            load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=os.path.basename(path))
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+            self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
+        rng = ckpt.load_rng_state(path, self.rank)
+        if rng is not None:
+            set_rng_state(rng)
+        return saved
 
     def _stage_for_state(self, state: ckpt.TrainerState) -> Stage:
         return self.stages[min(state.stage, len(self.stages) - 1)]
@@ -179,6 +187,7 @@ class Trainer:
             self.state.stage = stage.index
             self.state.data_batches = 0
             self.state.data_position = 0
+        self.recovery.enter_stage(stage)  # LR at the stage's start at least; past recorded skip windows
         shards = self.shard_sets[stage.index]
         log0(f"stage {stage.index}: {stage.resolution} px (latent {shards.latent_shape}), steps "
              f"{stage.start_step}..{stage.end_step}, global batch {stage.global_batch}, micro {stage.micro_batch}, "
@@ -316,25 +325,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> int:
-        """Returns the process exit status (0 done, EXIT_PREEMPTED checkpointed for requeue)."""
+        """Returns the process exit status (0 done, EXIT_PREEMPTED checkpointed for requeue, EXIT_NAN_STOP /
+        EXIT_DIVERGED stopped on a divergence: trainer/loop/rollback.py)."""
         self.last_log_time = time.time()
-        for stage in self.stages:
-            if self.state.step >= stage.end_step:
-                continue
+        while self.state.step < self.stages[-1].end_step:
+            stage = stage_at(self.stages, self.state.step)
             it = self._enter_stage(stage)
             while self.state.step < stage.end_step:
+                if self.recovery.skip_due():  # a skip window recorded by a rollback begins here
+                    it = self._enter_stage(stage)
                 parts = self._train_step(it, stage)
                 self.steps_since_log += 1
                 self.samples_since_log += stage.global_batch
                 step = self.state.step
                 if step % self.cfg.log.every == 0 or step == stage.end_step:
                     self._log(parts, stage)
-                if self.monitor.should_stop:  # train.max_nan_steps non-finite steps in a row (all ranks agree)
-                    self.save()  # skipped steps changed no weights: this is the last good state
-                    self.monitor.nan_stop()
-                    self.monitor.close("failed")
-                    self.metrics.close()
-                    return EXIT_NAN_STOP
+                outcome = self.recovery.after_step()  # divergence: roll back (all ranks agree) or stop
+                if outcome == RESTORED:
+                    break  # re-enter the restored step's stage, past the skipped data
+                if outcome is not None:
+                    return outcome
                 saved = False
                 if step % stage.checkpoint_every == 0 or step == stage.end_step:
                     self.save()

@@ -2,12 +2,13 @@
 
     setup     Monitor(trainer).start()          peak FLOP/s, watchdog thread, 'started' event
     micro     inject_fault / nonfinite / timesteps / timer.start+stop
-    step      begin_step() ... end_step() -> skipped?   (NaN counting, scheduler realignment, heartbeat)
-    log       fields(stage) -> extra metrics (collective: every rank calls it), after_log(record)
+    step      begin_step() ... end_step() -> skipped?   (applied or not, NaN counting, LR position, heartbeat)
+    log       fields(stage) -> extra metrics (collective: every rank calls it), after_log(record) -> spike verdict
+    rollback  take_verdict() (read by trainer/loop/rollback.py), after_rollback()
     end       close(state) / error(exc)
 
-The maths is in trainer/monitor/telemetry.py; NaN agreement in nan_guard.py, spikes in spikes.py, the heartbeat
-in watchdog.py, test hooks in faults.py.
+The maths is in trainer/monitor/telemetry.py; NaN agreement and applied-step decisions in nan_guard.py, the spike
+and blow-up detector in divergence.py, the heartbeat in watchdog.py, test hooks in faults.py.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from trainer.monitor import telemetry
-from trainer.monitor.faults import fault_nan_steps
-from trainer.monitor.nan_guard import NanGuard
-from trainer.monitor.spikes import LossSpikeDetector
+from trainer.monitor.divergence import DivergenceDetector, sustain_records
+from trainer.monitor.faults import FAULT_LOSS_SCALE_ENV, ActivationFault, fault_nan_steps, fault_spec
+from trainer.monitor.nan_guard import NanGuard, realign_lr, step_applied
 from trainer.monitor.watchdog import Watchdog
 
 __all__ = ["Monitor"]
@@ -38,10 +39,17 @@ class Monitor:
         self.timer = telemetry.PhaseTimer(trainer.device)
         self.nan = NanGuard(cfg.train.max_nan_steps, trainer.device)
         self.fault_steps = fault_nan_steps()
+        self.activation_fault = ActivationFault.from_env(trainer.engine.module, trainer.rank)
+        self.loss_scale_fault = fault_spec(FAULT_LOSS_SCALE_ENV)
+        self.scale_loss = False
         self.t_max = telemetry.timestep_range(trainer.objective)
         self.qsums = torch.zeros(2 * telemetry.QUARTILES, dtype=torch.float64)
-        self.spike = LossSpikeDetector(cfg.log.spike_factor)
-        self.step_skipped = False
+        self.detector = DivergenceDetector(cfg.log.spike_factor, cfg.log.spike_budget, cfg.log.every,
+                                           sustain_records(cfg.train.blowup_steps, cfg.log.every))
+        self.verdict, self.logged = None, False
+        self.fp16 = cfg.train.precision == "fp16"
+        self.lr_position = None
+        self.step_skipped, self.nonfinite_what = False, "gradients"
         self.skipped_since_log = 0
         self.sec_per_step = None  # smoothed, for the ETA
         self.peak, self.peak_source = float("nan"), "not measured"
@@ -75,6 +83,9 @@ class Monitor:
 
     # ------------------------------------------------------------------ micro-steps
     def inject_fault(self, loss: torch.Tensor, micro: int) -> torch.Tensor:
+        """The loss-level test hooks (trainer/monitor/faults.py); the activation hook sits in the network."""
+        if self.scale_loss:
+            loss = loss * self.loss_scale_fault.factor
         if self.fault_steps and micro == 0 and self.tr.rank == 0 and self.tr.state.step + 1 in self.fault_steps:
             return loss + float("nan")
         return loss
@@ -83,37 +94,56 @@ class Monitor:
         """Collective. True when this step has to be skipped (its loss is NaN/Inf on some rank)."""
         t0 = time.perf_counter()
         if self.nan.any_nonfinite(total):
-            self.step_skipped = True
+            self.step_skipped, self.nonfinite_what = True, "loss"
         self.timer.add("sync", time.perf_counter() - t0)
         return self.step_skipped
+
+    def mark_nonfinite(self, what: str) -> None:
+        """The pipeline step's guard found a non-finite ``what`` (loss / gradients; agreed across ranks): skip."""
+        self.step_skipped, self.nonfinite_what = True, what
 
     def timesteps(self, t: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         if per_sample_loss.ndim == 0 or per_sample_loss.shape[0] != t.shape[0]:
             return
+        if self.scale_loss:  # the loss-scale test hook scales what the quartiles see too (faults.py)
+            per_sample_loss = per_sample_loss * self.loss_scale_fault.factor
         if not self.step_skipped:
             self.qsums += telemetry.timestep_bin_sums(t, per_sample_loss.float(), self.t_max)
 
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> None:
-        self.step_skipped = False
+        self.step_skipped, self.nonfinite_what = False, "gradients"
+        state, tr = self.tr.state, self.tr
+        self.lr_position = getattr(getattr(tr, "scheduler", None), "last_step", None)
+        batch = tr.stages[min(state.stage, len(tr.stages) - 1)].global_batch
+        if self.activation_fault is not None:
+            self.activation_fault.begin_step(state.step + 1, state.data_position, batch)
+        self.scale_loss = (self.loss_scale_fault is not None and
+                           self.loss_scale_fault.hits_step(state.step + 1, state.data_position, batch))
 
     def end_step(self) -> bool:
-        """After the trainer counted the step. Returns True when the step was skipped."""
-        skipped = self.step_skipped
+        """After the trainer counted the step. Returns True when the step was not applied (then no EMA update).
+
+        Applied: the loop's own non-finite check did not no-op it and DeepSpeed did not skip it
+        (``engine.was_step_applied()``: NaN gradients with a finite loss, fp16 overflow). The LR schedule stays at the
+        number of applied steps either way (nan_guard.py). An fp16 loss-scale overflow is routine (the scaler
+        searching its scale), so it does not count towards ``train.max_nan_steps``."""
         state = self.tr.state
-        self.nan.update(skipped)
+        own = self.step_skipped
+        skipped = own or not step_applied(self.tr.engine)
+        nonfinite = own or (skipped and not self.fp16)
+        self.nan.update(nonfinite)
+        if self.lr_position is not None:
+            realign_lr(getattr(self.tr, "scheduler", None), self.lr_position + (0 if skipped else 1))
         if skipped:
             state.nan_skipped += 1
             self.skipped_since_log += 1
-            sched = getattr(self.tr, "scheduler", None)
-            # DeepSpeed does not step the LR scheduler when ZeRO took its own overflow path; the schedule is a
-            # function of the step count, so put it back in line with the trainer's step counter.
-            if sched is not None and getattr(sched, "last_step", state.step) != state.step:
-                sched.load_state_dict({"last_step": state.step})
-            if self.logging:
-                self.tr.metrics.alert("non-finite loss", f"step {state.step}: loss is NaN/Inf; step skipped "
-                                      f"({self.nan.in_row} in a row, {state.nan_skipped} in total, stop at "
-                                      f"{self.nan.max_in_row})", "WARN")
+            if self.logging and nonfinite:
+                loss = own and self.nonfinite_what == "loss"
+                what = "loss is NaN/Inf" if loss else "gradients are NaN/Inf" + ("" if own else " (DeepSpeed skipped it)")
+                self.tr.metrics.alert("non-finite loss" if loss else "non-finite gradients",
+                                      f"step {state.step}: {what}; step skipped ({self.nan.in_row} in a row, "
+                                      f"{state.nan_skipped} in total, act at {self.nan.max_in_row})", "WARN")
         if self.watchdog is not None:
             self.watchdog.beat(state.step)
         return skipped
@@ -182,14 +212,27 @@ class Monitor:
         return out
 
     def after_log(self, record: dict) -> None:
-        if not self.logging:
-            return
-        loss = record.get("loss")
-        if isinstance(loss, float):
-            median = self.spike.check(loss)
-            if median is not None:
-                self.tr.metrics.alert("loss spike", f"step {record.get('step')}: loss {loss:.4g} is "
-                                      f"{loss / median:.1f}x the running median {median:.4g}", "WARN")
+        """Every rank: the record's losses are all-reduced, so every rank's detector sees the same numbers (the
+        rollback decision is still agreed by a collective in trainer/loop/rollback.py); the logging rank alerts."""
+        self.verdict = v = self.detector.update(record)
+        self.logged = True
+        if v is not None and v.alert and self.logging:
+            self.tr.metrics.alert("loss spike", f"step {v.step}: loss {v.statistic:.1f}x its timestep-matched baseline "
+                                  f"(threshold {v.threshold:.1f}x; this record alone {v.raw:.1f}x)", "WARN")
+
+    def take_verdict(self) -> tuple:
+        """(was this step logged, its spike verdict or None), consumed once. Every rank logs the same steps."""
+        out = (self.logged, self.verdict)
+        self.logged, self.verdict = False, None
+        return out
+
+    def after_rollback(self) -> None:
+        """The loop restored an earlier checkpoint: the streak and the excursion are over; baselines are kept."""
+        self.nan.in_row = 0
+        self.detector.reset_excursion()
+        self.verdict, self.logged = None, False
+        self.step_skipped = False
+        self.skipped_since_log = 0
 
     # ------------------------------------------------------------------ end
     def nan_stop(self) -> None:

@@ -1,17 +1,26 @@
-"""Skipping a non-finite step under DeepSpeed, identically on every rank.
+"""Skipping a non-finite step under DeepSpeed, identically on every rank, leaving no trace in the training state.
 
 1. each micro-step computes its loss before backward; ranks agree with one all-reduce (MAX of a
    "non-finite" flag), so every rank decides the same thing for the same step;
 2. a flagged micro-step still calls ``engine.backward`` and ``engine.step`` (DeepSpeed's micro-step and
-   gradient-accumulation counters, ZeRO's bucket bookkeeping and hooks stay consistent), but on
-   ``loss * 0`` so nothing is accumulated;
+   gradient-accumulation counters, ZeRO's bucket bookkeeping and hooks stay consistent), on ``loss * 0``. That
+   gives zero gradients only when the loss's graph is finite (an injected ``loss + nan``); a real overflow inside
+   the network gives NaN gradients (NaN x 0 is NaN) in DeepSpeed's buckets;
 3. at the step's boundary the *inner* torch optimizer's ``step`` is replaced by a no-op for that one
-   call: DeepSpeed still reduces/partitions/zeroes gradients, but neither the weights nor the Adam
-   moments nor its step count change (verified bit-for-bit by tests/test_monitor_wandb.py). Should
-   ZeRO itself see NaN gradients and take its overflow path, that skips the update too; the LR
-   scheduler is then realigned with the step counter by the caller;
-4. the trainer's step counter, sample count and data position advance as for a normal step, so
-   resume stays exact; the count is kept in ``TrainerState.nan_skipped``.
+   call, so neither the weights nor the Adam moments nor its step count change whatever the gradients hold. With
+   NaN/Inf gradients ZeRO-1/2/3 also take their own overflow path (the global gradient norm is invalid): no
+   update, gradients and buckets cleared, LR scheduler not stepped, ``engine.was_step_applied()`` False. Either way
+   the gradients are zeroed after the boundary, so nothing is carried into the next step's accumulation
+   (tests/test_divergence_zero.py checks weights, moments and EMA bit-for-bit against a run that skipped the
+   batches by hand, on ZeRO-1/2/3 and the pipeline engine);
+4. whether a step was applied is decided from ``engine.was_step_applied()`` and the loop's own flag together
+   (``step_applied``), so a step DeepSpeed skipped by itself (NaN gradients with a finite loss, an fp16
+   loss-scale overflow) is handled like one the loop skipped: no EMA update, counted in
+   ``TrainerState.nan_skipped``, and the LR schedule position stays the number of applied steps (``realign_lr``
+   undoes the scheduler step DeepSpeed takes on the loop's no-op path). A skipped step is then exactly a batch
+   that was never there;
+5. the trainer's step counter, sample count and data position advance as for a normal step, so resume stays
+   exact.
 """
 from __future__ import annotations
 
@@ -69,3 +78,27 @@ def optimizer_update_skipped(engine, active: bool = True):
         yield
     finally:
         del opt.step
+
+
+def step_applied(engine) -> bool:
+    """DeepSpeed's word on the last optimizer boundary: False when it took its own overflow path (NaN/Inf gradients,
+    an fp16 loss-scale overflow) and so changed no weights and did not step the LR scheduler."""
+    fn = getattr(engine, "was_step_applied", None)
+    return True if fn is None else bool(fn())
+
+
+def realign_lr(scheduler, position: int) -> None:
+    """Put the LR schedule at ``position`` (the number of applied optimizer steps, see the module docstring)."""
+    if scheduler is not None and hasattr(scheduler, "last_step") and scheduler.last_step != position:
+        scheduler.load_state_dict({"last_step": position})
+
+
+def local_nonfinite(loss_sums, params) -> tuple[bool, bool]:
+    """This rank's view for the pipeline engine, which runs forward, backward and step inside one ``train_batch``:
+    (the last stage's loss sums are NaN/Inf, a gradient this rank holds is NaN/Inf); no collective."""
+    import torch
+
+    loss_bad = loss_sums is not None and not bool(torch.isfinite(loss_sums).all())
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads) if grads else []  # one reduction per tensor: inf/NaN anywhere shows
+    return loss_bad, bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())

@@ -116,7 +116,12 @@ class WandbSink:
         return out
 
     def event(self, record: dict) -> None:
-        pass
+        """Rollbacks become a history row at the step that failed (the alert comes separately). W&B keeps one
+        history per step and only moves forward: the steps trained again after a rollback (to_step+1 .. from_step)
+        keep the failed attempt's values there; metrics.jsonl holds the ones that count."""
+        if record.get("event") == "rollback":
+            self.run.log({"rollback/count": record["rollback"], "rollback/to_step": record["to_step"],
+                          "rollback/skipped_samples": record["skipped_samples"]}, step=record["from_step"])
 
     def log_image(self, step: int, key: str, path: str) -> None:
         self.run.log({key: self.wandb.Image(path, caption=os.path.basename(path))}, step=step)

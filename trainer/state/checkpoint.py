@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from models.args import DiTArgs
 from trainer.state import integrity
-from trainer.rundir import LATEST, atomic_write_text
+from trainer.rundir import DIVERGED, LATEST, atomic_write_text
 from trainer.engine.distributed import barrier, rank as current_rank
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -100,11 +100,14 @@ def find_resumable(ckpt_dir: str, deep: bool = True) -> Optional[str]:
     return None
 
 
-def find_verified(ckpt_dir: str) -> tuple[Optional[str], list[dict]]:
+def find_verified(ckpt_dir: str, before_step: Optional[int] = None) -> tuple[Optional[str], list[dict]]:
     """Collective: the newest checkpoint that is complete and whose every file matches its checksum, hashed in
-    parallel (each rank reads about 1/world of it). Returns (path or None, [{"checkpoint", "problem"}] skipped)."""
+    parallel (each rank reads about 1/world of it). Returns (path or None, [{"checkpoint", "problem"}] skipped).
+    ``before_step``: only checkpoints of earlier steps (a rollback's target: written before a divergence began)."""
     skipped = []
-    candidates = [p for _, p in list_checkpoints(ckpt_dir)] if current_rank() == 0 else None
+    candidates = None
+    if current_rank() == 0:
+        candidates = [p for s, p in list_checkpoints(ckpt_dir) if before_step is None or s < before_step]
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [candidates]
         dist.broadcast_object_list(box, src=0)
@@ -141,7 +144,9 @@ class TrainerState:
     layout: dict = field(default_factory=dict)  # the parallel layout and batch this checkpoint was written under
     model_config: dict = field(default_factory=dict)
     wandb_run_id: str = ""
-    nan_skipped: int = 0
+    nan_skipped: int = 0  # optimizer steps not applied (non-finite loss or gradients) on the way to these weights
+    rollbacks: int = 0  # automatic rollbacks so far (trainer/loop/rollback.py)
+    data_skips: list = field(default_factory=list)  # data windows skipped by rollbacks: {stage, start, end, ...}
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -237,3 +242,30 @@ def load_rng_state(path: str, rank: int) -> Optional[dict]:
     if not os.path.exists(f):
         return None
     return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def set_aside_checkpoints(ckpt_dir: str, from_step: int, keep: int) -> list[str]:
+    """Rank 0, after a divergence: move published checkpoints of step >= ``from_step`` (written after it began) to
+    ``checkpoints/diverged/`` where resume never looks, point ``latest`` at the newest one left, and keep only the
+    ``keep`` newest set-aside ones (they hold diverged weights, kept for inspection). Returns the moved tags."""
+    aside = os.path.join(ckpt_dir, DIVERGED)
+    moved = []
+    for step, path in sorted(list_checkpoints(ckpt_dir)):
+        if step < from_step:
+            continue
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, os.path.basename(path))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(path, target)
+        moved.append(os.path.basename(path))
+    left = list_checkpoints(ckpt_dir)
+    if left:
+        atomic_write_text(os.path.join(ckpt_dir, LATEST), tag_for_step(left[0][0]) + "\n")
+    elif os.path.exists(os.path.join(ckpt_dir, LATEST)):
+        os.unlink(os.path.join(ckpt_dir, LATEST))
+    if os.path.isdir(aside):
+        old = sorted((n for n in os.listdir(aside) if TAG_RE.match(n)), reverse=True)[max(keep, 0):]
+        for name in old:
+            shutil.rmtree(os.path.join(aside, name), ignore_errors=True)
+    return moved

@@ -6,7 +6,7 @@ its age, heartbeat age, alerts, latest FID, Slurm job state.
 
 State (``state``), from the files alone (events.jsonl, heartbeat.json, lease.json; trainer/rundir.py):
   finished   a ``finished`` event after the last ``started`` event
-  crashed    an ``error`` event (exception, NaN stop); or the lease holder died without a clean exit (its pid
+  crashed    an ``error`` event (exception, NaN stop, divergence past ``train.max_rollbacks``); or the lease holder died without a clean exit (its pid
              is gone on this host, or it has not heartbeaten for ``run.lease_timeout_minutes``); or the run
              ended without an end record; or nothing was ever written
   preempted  the run checkpointed for a requeue and released the run directory
@@ -16,7 +16,8 @@ State (``state``), from the files alone (events.jsonl, heartbeat.json, lease.jso
 ``stall_minutes`` is the run's ``log.stall_minutes`` (config.yaml) unless ``--stall-minutes`` is given.
 ``writer`` names the host and pid that last wrote (the lease holder, else the last heartbeat); the newest
 checkpoint's ``verified`` says whether its files match the sizes (and, with ``--verify``, the xxh3-128
-checksums) in its COMPLETE.json; checkpoints the trainer rejected at resume are listed.
+checksums) in its COMPLETE.json; checkpoints the trainer rejected at resume are listed. ``rollbacks`` lists the automatic rollbacks (events.jsonl):
+from which step to which checkpoint, why, and the data window skipped.
 """
 from __future__ import annotations
 
@@ -235,6 +236,11 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         flags.append("SPIKE")
     if any(e.get("kind") == "nan_stop" for e in errors):
         flags.append("NAN-STOP")
+    rollbacks = [e for e in events if e.get("event") == "rollback"]
+    if rollbacks:
+        flags.append("ROLLBACK")
+    if any(e.get("kind") == "diverged" for e in errors):
+        flags.append("DIVERGED")
     if state == "crashed":
         flags.append("CRASHED")
 
@@ -274,6 +280,9 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         "alerts": [{"title": a.get("title"), "text": a.get("text"), "level": a.get("level"), "time": a.get("time")}
                    for a in alerts[-10:]],
         "alert_count": len(alerts),
+        "rollbacks": [{k: e.get(k) for k in ("rollback", "reason", "from_step", "to_step", "checkpoint", "windows",
+                                             "skipped_samples", "time")} for e in rollbacks][-5:],
+        "rollback_count": len(rollbacks),
         "fid": {"step": fid.get("step"), "fid": fid.get("fid"), "num_samples": fid.get("num_samples")} if fid else None,
         "slurm_job_id": job,
         "slurm_state": slurm_state(job) if query_slurm else "n/a",
@@ -311,6 +320,11 @@ def format_status(s: dict) -> str:
         lines.append(f"  written by host {w.get('host', '?')} pid {w.get('pid', '?')}"
                      + (f" (Slurm job {w['slurm_job_id']} attempt {w.get('slurm_restart', 0)})" if w.get("slurm_job_id") else "")
                      + ("  [holds the lease]" if s["lease"] else ""))
+    if s["rollback_count"]:
+        r = s["rollbacks"][-1]
+        span = ", ".join(f"[{w['start']}, {w['end']}) stage {w['stage']}" for w in r["windows"] or []) or "none"
+        lines.append(f"  rollbacks {s['rollback_count']}: last {r['reason']} at step {r['from_step']} -> "
+                     f"{r['checkpoint']} (step {r['to_step']}), skipped samples {span}")
     for r in s["rejected_checkpoints"][-2:]:
         lines.append(f"  rejected at resume: {r['problem']}")
     if s["reason"] and s["state"] != "finished":
