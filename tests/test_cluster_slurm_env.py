@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import slurm_env
+from trainer.engine import launch_env as slurm_env  # the Slurm → torch mapping (cluster/slurm_env.py before the split)
 from trainer.engine.launch_env import (expand_hostlist, first_host, parse_tasks_per_node, port_for_job,
                                torch_env_from_slurm)
 

@@ -16,6 +16,8 @@ HELP = {
     "run.seed": "seed of init, data order and per-(data-parallel rank, step) noise/timestep streams",
     "run.name": "display name (W&B); default: the run dir's name",
     "run.lease_timeout_minutes": "one writer per run dir: a lease holder without heartbeat this long is presumed dead and taken over (a requeue of the same Slurm job, or a dead pid on the same host, takes over at once)",
+    "run.hang_timeout_minutes": "a rank that makes no progress (no step, no collective completing) this long is a hang: the whole job is torn down with exit code 6, the stuck rank and its node named first; also the collective timeout (gloo; NCCL gets a little more so the stuck rank is named first). Must exceed the longest step, first-step compilation, checkpoint save and sample grid (0 = off: 30 min collective timeout only)",
+    "run.requeue_on_hang": "after a hang, requeue the Slurm job (resumes from the last checkpoint; bounded by MAX_RESTARTS). Off by default: a deterministic hang would loop",
     "model.name": "`DiT-{S,B,L,XL}/{2,4,8}` or `custom` (then hidden_size, depth, num_heads, patch_size are required)",
     "model.hidden_size": "override the preset's hidden size",
     "model.depth": "override the preset's number of blocks",

@@ -11,19 +11,24 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from trainer.monitor.liveness import clear as clear_liveness
 from trainer.rundir import metrics_path, truncate_after_step
 from trainer.state.lease import Lease, RunDirBusy, describe
 
 
-def take_run_dir(run_dir: str, timeout_seconds: float, takeover: bool, rank: int) -> tuple[Optional[Lease], Optional[dict]]:
-    """Collective. Rank 0 gets (lease, takeover record or None); other ranks (None, the same record).
+def take_run_dir(run_dir: str, timeout_seconds: float, takeover: bool,
+                 rank: int) -> tuple[Optional[Lease], Optional[dict], str]:
+    """Collective. Rank 0 gets (lease, takeover record or None, attempt); other ranks (None, the same record, the
+    same attempt). ``attempt`` is the lease's token: it marks this attempt's liveness records (ranks/), and the
+    records and failure verdict of earlier attempts are removed before any rank of this one writes its own.
 
     Raises RunDirBusy on every rank when a live run holds ``run_dir``."""
     outcome, lease = None, None
     if rank == 0:
         lease = Lease(run_dir, timeout_seconds)
         try:
-            outcome = {"ok": True, "taken": lease.acquire(force=takeover)}
+            outcome = {"ok": True, "taken": lease.acquire(force=takeover), "attempt": lease.token}
+            clear_liveness(run_dir)
         except RunDirBusy as exc:
             outcome = {"ok": False, "message": str(exc)}
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -36,7 +41,7 @@ def take_run_dir(run_dir: str, timeout_seconds: float, takeover: bool, rank: int
     if taken and rank == 0:
         print(f"[trainer] took over {run_dir} from {describe(taken['previous'], lease.clock())}: {taken['reason']}",
               file=sys.stderr, flush=True)
-    return lease, taken
+    return lease, taken, outcome["attempt"]
 
 
 def rewind_metrics(run_dir: str, step: int) -> int:
