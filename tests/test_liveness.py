@@ -222,3 +222,17 @@ def test_stopped_rank_ends_the_run_with_exit_6_naming_it(demo_root, tmp_path):
     assert verdict["kind"] == "hang" and verdict["detected_by"] == 0
     assert [(e["rank"], e["role"]) for e in verdict["ranks"]] == [(1, "first"), (0, "then")], verdict
     assert "rank 1 on" in out0 and "HANG" in out0
+
+
+def test_behind_follows_the_order_of_a_step():
+    """A rank that finished step 5 (checkpointing) is ahead of one still computing step 5, and behind one computing
+    step 6; a later micro-step is ahead; set-up comes before the first step."""
+    from trainer.monitor.liveness import _order_key
+
+    def key(step, phase, micro=0):
+        return _order_key({"step": step, "phase": phase, "micro": micro})
+
+    assert key(4, "backward") < key(5, "step") < key(5, "checkpoint") < key(5, "data") < key(5, "optimizer")
+    assert key(4, "forward", micro=0) < key(4, "data", micro=1)
+    assert key(0, "setup") < key(0, "monitor") < key(0, "stage") < key(0, "data")
+    assert key(120, "monitor") < key(120, "data")  # resumed at step 120

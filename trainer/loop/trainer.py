@@ -117,7 +117,7 @@ class Trainer:
         barrier()
         self.beacon.enter("resume")
         self._resume_or_init()
-        self.beacon.enter("monitor")
+        self.beacon.progress(self.state.step, "monitor", arm=False)
         self.metrics = self._build_metrics()
         report_run_dir_events(self.metrics, self.skipped_checkpoints, self.lease_taken, self.state.step)
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat

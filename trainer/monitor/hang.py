@@ -62,10 +62,11 @@ class RankBeacon:
         if micro is not None:
             rec["micro"] = micro
 
-    def progress(self, step: int, phase: str = "step") -> None:
+    def progress(self, step: int, phase: str = "step", arm: bool = True) -> None:
+        """``step`` steps are complete (a resumed run starts at its checkpoint's step, ``arm=False``)."""
         rec = self.record
         rec["step"], rec["micro"], rec["phase"], rec["progress_time"] = int(step), 0, phase, self.clock()
-        self.armed = True
+        self.armed = self.armed or arm
 
     # ------------------------------------------------------------------ records
     def beat(self, now: Optional[float] = None, **fields) -> dict:

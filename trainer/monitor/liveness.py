@@ -24,8 +24,10 @@ from typing import Iterable, Mapping, Optional
 
 from trainer.rundir import EVENTS, atomic_write_text, failure_path, rank_path, ranks_dir, read_json
 
-# Phases a rank goes through in one optimizer step, in order: a rank in an earlier phase of the same step is behind.
-PHASES = ("setup", "engine", "resume", "monitor", "stage", "data", "forward", "backward", "optimizer", "step", "log", "checkpoint", "sample", "done")
+# Where a rank can be. The record's ``step`` counts completed steps: IN_STEP phases belong to the step being computed
+# (step + 1, per micro-step), BETWEEN phases come after step ``step`` (and set-up before the first), in this order.
+IN_STEP = ("data", "forward", "backward", "optimizer")
+BETWEEN = ("step", "log", "checkpoint", "sample", "setup", "engine", "resume", "monitor", "stage")
 COLLECTIVE_MARKERS = ("gloo", "nccl", "c10d", "processgroup", "distributed")
 TIMEOUT_MARKERS = ("timed out", "timeout", "watchdog caught collective")
 PEER_MARKERS = ("connection reset", "connection closed", "closed by peer", "broken pipe", "connection refused",
@@ -152,9 +154,6 @@ def _clock(t: Optional[float]) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t)) if t else "?"
 
 
-IN_STEP = ("data", "forward", "backward", "optimizer")
-
-
 def where(rec: Mapping) -> str:
     """Where a rank was at its newest record: ``step 62 backward (micro 1) since 12:00:03`` (inside the step it
     computes), or ``step 61 done (checkpoint) since ...``."""
@@ -162,16 +161,21 @@ def where(rec: Mapping) -> str:
     micro = f" (micro {rec['micro']})" if rec.get("micro") else ""
     if phase in IN_STEP:
         at = f"step {step + 1} {phase}{micro}"
-    elif phase in PHASES[:PHASES.index("stage")]:
-        at = f"set-up ({phase})"
+    elif phase in ("setup", "engine", "resume", "monitor"):
+        at = f"set-up ({phase})" if step == 0 else f"step {step}: set-up ({phase})"
     else:
         at = f"step {step} done ({phase})"
     return f"{at} since {_clock(rec.get('progress_time'))}"
 
 
 def _order_key(rec: Mapping) -> tuple:
-    phase = rec.get("phase", "setup")
-    return int(rec.get("step", 0) or 0), int(rec.get("micro", 0) or 0), PHASES.index(phase) if phase in PHASES else 0
+    """How far a rank got: a rank with a smaller key is behind."""
+    step, phase = int(rec.get("step", 0) or 0), rec.get("phase", "setup")
+    if phase in IN_STEP:
+        return step + 1, 0, int(rec.get("micro", 0) or 0), IN_STEP.index(phase)
+    if phase in BETWEEN:
+        return step, 1, 0, BETWEEN.index(phase)
+    return step, 2, 0, 0
 
 
 def _entry(rank: int, rec: Optional[Mapping], role: str, what: str, since: Optional[float]) -> dict:
@@ -320,6 +324,3 @@ def read_verdict(run_dir: str, job: Optional[tuple[str, int]] = None) -> Optiona
         return None
     return verdict
 
-
-def silent_ranks(records: Iterable[Mapping], now: float, limit: float) -> list[Mapping]:
-    return [r for r in records if now - float(r.get("time", 0)) > limit]
