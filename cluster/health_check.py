@@ -1,9 +1,14 @@
 """Pre-flight checks for a Slurm job, run before any rank starts; a clear error and exit 1, never a hang.
 
-``python -m cluster.health_check node --run-dir DIR --gpus N``
+``python -m cluster.health_check node --run-dir DIR --gpus N [--record FOLDER]``
     once per node (``srun --ntasks-per-node=1``): the GPUs Slurm granted are visible to torch and as
     many as requested (no GPU requested: fine on CPU), and the shared run directory is writable from
-    this node (write + fsync + read back a temp file).
+    this node (write + fsync + read back a temp file). With ``--record``, the node also writes what it
+    runs into ``FOLDER/<node>.json``: Python, torch, DeepSpeed and the project (the version of the
+    package ``import`` resolves to on this node, read from the metadata installed beside it, and a
+    fingerprint of the project's source as this node sees it). The launcher then compares the nodes
+    (``compare_nodes``): a node that differs from the others fails the job before any rank starts,
+    named with the difference; a node that wrote no record cannot write the run directory.
 ``python -m cluster.health_check job --world-size W --config C --ds_config D -- key=value ...``
     once per job: the trainer's own ``--validate_only`` with ``WORLD_SIZE=W`` (config keys, shard sets
     readable with matching shapes, world size consistent with the parallel layout).
@@ -13,12 +18,20 @@ Every check is bounded by a timeout (a hung NFS mount or driver must not hang th
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
 import os
+import platform
+import re
 import socket
 import subprocess
 import sys
 import uuid
-from typing import Optional
+from collections import Counter
+from typing import Mapping, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,10 +90,102 @@ def check_writable(directory: str) -> Optional[str]:
     return None
 
 
+PROJECT_PACKAGES = ("trainer", "models", "data_pipeline", "cluster")
+COMPARED = ("python", "torch", "deepspeed", "project")
+
+
+def installed_version(name: str) -> tuple[str, str]:
+    """(version, package folder) of what ``import name`` resolves to here, without importing it: the version is
+    the metadata installed beside the package (``<site>/<name>-<version>.dist-info``), else any installed one."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return "not installed", "-"
+    folder = os.path.dirname(spec.origin)
+    for meta in sorted(glob.glob(os.path.join(os.path.dirname(folder), f"{name}-*.dist-info", "METADATA"))):
+        with open(meta, errors="replace") as f:
+            m = re.search(r"^Version:\s*(\S+)", f.read(), re.M)
+        if m:
+            return m.group(1), folder
+    try:
+        return importlib.metadata.version(name) + " (metadata not beside the package)", folder
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (no metadata)", folder
+
+
+def source_fingerprint(root: str) -> str:
+    """sha256 over the project's Python sources under ``root`` (relative path + bytes), first 12 hex digits."""
+    h = hashlib.sha256()
+    for package in PROJECT_PACKAGES:
+        for path in sorted(glob.glob(os.path.join(root, package, "**", "*.py"), recursive=True)):
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def node_versions() -> dict:
+    spec = importlib.util.find_spec("trainer")
+    root = os.path.dirname(os.path.dirname(spec.origin)) if spec and spec.origin else "?"
+    try:
+        project = importlib.metadata.version("dit-deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        project = "not installed"
+    torch_version, torch_path = installed_version("torch")
+    ds_version, ds_path = installed_version("deepspeed")
+    return {"python": f"{platform.python_implementation()} {platform.python_version()}", "torch": torch_version,
+            "deepspeed": ds_version, "project": f"{project} source {source_fingerprint(root) if root != '?' else '?'}",
+            "paths": {"python": sys.executable, "torch": torch_path, "deepspeed": ds_path, "project": root}}
+
+
+def compare_nodes(records: Mapping[str, dict], nodes: list[str]) -> list[str]:
+    """Problems (empty: all equal), each naming the node: a missing record, or a value that differs from the one
+    most nodes have (ties go to the first node, where rank 0 runs)."""
+    problems = [f"node {n}: no pre-flight record (could it write the run directory?)" for n in nodes if n not in records]
+    present = [n for n in nodes if n in records]
+    for key in COMPARED:
+        values = {n: records[n].get(key) for n in present}
+        counts = Counter(values.values())
+        if len(counts) <= 1:
+            continue
+        top = max(counts.values())
+        reference = next(values[n] for n in present if counts[values[n]] == top)
+        ref_nodes = ",".join(n for n in present if values[n] == reference)
+        for n in present:
+            if values[n] != reference:
+                where = (records[n].get("paths") or {}).get(key, "?")
+                problems.append(f"node {n}: {key} {values[n]} from {where} (node {ref_nodes}: {reference})")
+    return problems
+
+
+def read_records(folder: str) -> dict[str, dict]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            out[rec["host"]] = rec
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
 def run_node(args) -> int:
     problem = check_gpus(args.gpus) or check_writable(launch_dir(args.run_dir))
     if problem:
         return fail(problem)
+    if args.record:
+        record = dict(node_versions(), host=HOST, gpus=args.gpus)
+        try:
+            os.makedirs(args.record, exist_ok=True)
+            with open(os.path.join(args.record, f"{HOST}.json"), "w") as f:
+                json.dump(record, f)
+        except OSError as exc:
+            return fail(f"cannot write the pre-flight record into {args.record}: {exc}")
+        print(f"[health {HOST}] {record['python']}, torch {record['torch']}, deepspeed {record['deepspeed']}, "
+              f"project {record['project']}", flush=True)
     print(f"[health {HOST}] ok: {args.gpus or 'no'} GPU(s) requested and visible, {args.run_dir} writable", flush=True)
     return 0
 
@@ -111,6 +216,7 @@ def main(argv=None) -> int:
     node = sub.add_parser("node", help="per-node checks: GPUs, shared run dir")
     node.add_argument("--run-dir", required=True)
     node.add_argument("--gpus", type=int, default=None, help="GPUs expected on this node (default: from Slurm)")
+    node.add_argument("--record", default=None, help="folder for this node's versions record (<node>.json)")
     job = sub.add_parser("job", help="per-job check: trainer --validate_only with the job's world size")
     job.add_argument("--world-size", type=int, required=True)
     job.add_argument("--config", required=True)

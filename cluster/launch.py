@@ -7,15 +7,18 @@ One job attempt, in order:
 2. resolve the run config (a bad key fails here, in seconds, with the key named) and write the
    launch record into ``RUN_DIR/launch/``: the resolved config, the launch environment (secrets
    dropped), the hostfile and the exact command, tagged ``<jobid>-<restart>``;
-3. health checks (``cluster.health_check``): once per node (GPUs, shared run dir) and once per job
-   (the trainer's ``--validate_only`` with the job's world size);
+3. health checks (``cluster.health_check``): once per node (GPUs, shared run dir, and the Python, torch,
+   DeepSpeed and project versions, which must be equal on every node) and once per job (the trainer's
+   ``--validate_only`` with the job's world size);
 4. start the ranks: ``srun`` one task per GPU (default) or ``deepspeed --no_ssh`` once per node;
 5. forward preemption signals: USR1 (``--signal=B:USR1@secs`` or ``scancel --batch --signal=USR1``)
    or TERM reaching this process is sent on as USR1 to the srun step, which delivers it to every
-   process of every task; the trainer checkpoints at the next step boundary and exits 75;
-6. classify the end: 0 → done; 75 from the ranks → ``scontrol requeue $SLURM_JOB_ID`` (the
-   requeued attempt resumes from the checkpoint); anything else → name the failing rank(s), exit
-   non-zero so the job is FAILED, and leave the checkpoints alone.
+   process of every task; the trainer checkpoints at the next step boundary and exits 75; and end a
+   step that should be over (cluster/step_runner.py: a lost node, every rank frozen);
+6. classify the end (cluster/outcome.py): 0 → done; 75 from the ranks → ``scontrol requeue
+   $SLURM_JOB_ID`` (the requeued attempt resumes from the checkpoint); 7 → hung, the stuck rank named
+   (requeued only with ``run.requeue_on_hang=true``); anything else → name the rank that failed first,
+   exit non-zero so the job is FAILED, and leave the checkpoints alone.
 
 Kept free of training logic: it only reads the config to learn ``run.dir`` and record it.
 """
@@ -25,10 +28,8 @@ import argparse
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -37,11 +38,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer.engine.launch_env import hostnames, parse_tasks_per_node, port_for_job  # noqa: E402
-from trainer.rundir import (EXIT_CONFIG_ERROR, EXIT_LAUNCH_ERROR, EXIT_PREEMPTED,  # noqa: E402,F401  (one exit-code table)
+from trainer.rundir import (EXIT_CONFIG_ERROR, EXIT_HUNG, EXIT_LAUNCH_ERROR, EXIT_PREEMPTED,  # noqa: E402,F401  (one exit-code table)
                             atomic_write_text, launch_dir)
 
 from cluster.launch_record import LaunchError, append_history, capture_env, format_env, log, make_hostfile  # noqa: E402,F401
 from cluster.outcome import Outcome, TaskEnd, classify, parse_srun_line  # noqa: E402,F401
+from cluster.health_check import compare_nodes, read_records as read_preflight  # noqa: E402
+from cluster.step_runner import StepRunner, silence_watch  # noqa: E402,F401
+from trainer.monitor.liveness import read_verdict  # noqa: E402  (torch-free)
 
 
 # --------------------------------------------------------------------------- allocation
@@ -209,74 +213,21 @@ def build_train_command(alloc: Allocation, settings: Settings, overrides: list[s
         *trainer_args(settings, overrides)]
 
 
+def preflight_folder(run_dir: str, alloc: Allocation) -> str:
+    return os.path.join(launch_dir(run_dir), f"preflight-{alloc.tag}")
+
+
 def health_check_commands(alloc: Allocation, settings: Settings, run_dir: str,
                           overrides: list[str]) -> list[tuple[str, list[str], dict]]:
     node = srun_prefix(alloc, 1, None, settings.srun_args) + [
         settings.python, "-m", "cluster.health_check", "node", "--run-dir", run_dir,
-        "--gpus", str(alloc.gpus_per_node)]
+        "--gpus", str(alloc.gpus_per_node), "--record", preflight_folder(run_dir, alloc)]
     job = [settings.python, "-m", "cluster.health_check", "job", "--world-size", str(alloc.world_size),
            "--config", settings.config, "--ds_config", settings.ds_config, "--", *overrides]
     return [("per-node checks", node, {}), ("config, shards and layout", job, {})]
 
 
 # --------------------------------------------------------------------------- running
-
-
-class StepRunner:
-    """Runs srun steps, forwarding preemption signals to the one in flight and recording task ends."""
-
-    def __init__(self):
-        self.proc: Optional[subprocess.Popen] = None
-        self.preempt_signal: Optional[str] = None
-        self.ends: list[TaskEnd] = []
-        self._lock = threading.Lock()
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        first = self.preempt_signal is None
-        self.preempt_signal = self.preempt_signal or name
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            # USR1 is what the trainer handles as "checkpoint and exit 75"; srun forwards it to every
-            # process of every task without ending the step (TERM would make srun tear it down).
-            try:
-                os.kill(proc.pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
-            log(f"received {name}: forwarded USR1 to the training step (srun pid {proc.pid})")
-        elif first:
-            log(f"received {name} before training started: will requeue without training")
-
-    def run(self, cmd: list[str], env: Optional[dict] = None, forward: bool = True) -> int:
-        self.ends = []
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
-        if forward:
-            self.proc = proc
-        reader = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-        reader.start()
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # SIGINT handler replaced, but be safe
-                continue
-        reader.join(timeout=30)
-        self.proc = None
-        return rc
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            ends = parse_srun_line(line)
-            if ends:
-                with self._lock:
-                    self.ends.extend(ends)
 
 
 def requeue(job_id: str) -> bool:
@@ -296,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="resolve and record everything, print the commands, start nothing")
     args = parser.parse_args(argv)
     environ = dict(os.environ)
-    runner = StepRunner()
+    runner = StepRunner(teardown_grace=float(environ.get("TEARDOWN_GRACE", "60") or 60))
     runner.install()  # before anything slow: a USR1 during start-up must not kill the batch shell
     started = time.time()
     try:
@@ -341,6 +292,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         env.pop(k, None)
     if alloc.cpus_per_task:
         env.setdefault("OMP_NUM_THREADS", str(alloc.cpus_per_task))
+    # NCCL's dump of in-flight collectives on a timeout (cluster/nccl.env) goes to the shared run dir, per rank.
+    env.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", os.path.join(launch_folder, f"nccl-trace-{alloc.tag}-rank"))
     repo = os.getcwd()
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
 
@@ -373,14 +326,25 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: {msg}", file=sys.stderr, flush=True)
                 append_history(run_dir, dict(record, end=time.time(), outcome="health_check_failed", message=msg))
                 return rc if rc > 0 else EXIT_LAUNCH_ERROR
+            if name == "per-node checks":
+                problems = compare_nodes(read_preflight(preflight_folder(run_dir, alloc)), alloc.nodes)
+                if problems:
+                    msg = ("pre-flight: the nodes differ: " + "; ".join(problems) + ". Nothing was started: make every "
+                           "node run the same Python, torch, DeepSpeed and project checkout (VENV / ENV_SETUP / REPO_DIR).")
+                    print(f"error: {msg}", file=sys.stderr, flush=True)
+                    append_history(run_dir, dict(record, end=time.time(), outcome="health_check_failed", message=msg))
+                    return EXIT_LAUNCH_ERROR
             log(f"health check ok: {name} ({time.time() - t0:.1f}s)")
 
     if runner.preempt_signal is not None:
         outcome = Outcome("preempted", EXIT_PREEMPTED, f"{runner.preempt_signal} before training started")
     else:
         log(f"starting {alloc.world_size} rank(s): {shlex.join(train_cmd)}")
-        rc = runner.run(train_cmd, env=env)
-        outcome = classify(rc, runner.ends, settings.launcher)
+        hang_seconds = cfg.run.hang_timeout_minutes * 60
+        rc = runner.run(train_cmd, env=env, watch=silence_watch(run_dir, alloc.job_id, alloc.restart,
+                                                                 alloc.world_size, hang_seconds))
+        verdict = read_verdict(run_dir, job=(alloc.job_id, alloc.restart))
+        outcome = classify(rc, runner.ends, settings.launcher, verdict=verdict, killed=runner.killed_reason)
     record.update(end=time.time(), outcome=outcome.status, exit_code=outcome.exit_code, message=outcome.message,
                   signal=runner.preempt_signal,
                   failed=[{"task": e.task, "node": e.node, "what": e.what} for e in outcome.failed_tasks])
@@ -409,6 +373,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"error: {outcome.message}. Lines of each rank are prefixed with its number (srun --label). "
           f"The last complete checkpoint in {run_dir}/checkpoints is untouched; resubmitting resumes from it.",
           file=sys.stderr, flush=True)
+    if outcome.status == "hung" and cfg.run.requeue_on_hang:
+        log(f"run.requeue_on_hang=true: requeueing job {alloc.job_id} (attempt {alloc.restart + 1} resumes; at most "
+            f"MAX_RESTARTS={settings.max_restarts} attempts)")
+        ok = requeue(alloc.job_id)
+        append_history(run_dir, dict(record, requeued=ok))
+        return 0 if ok else outcome.exit_code
     append_history(run_dir, record)
     return outcome.exit_code
 

@@ -19,3 +19,7 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
     build_demo_data(str(root), resolutions=(64, 128), seed=0)
     return str(root)
+
+
+# The Slurm cluster and the reference run, shared by tests/test_slurm_jobs.py and tests/test_slurm_multinode.py.
+from tests.slurm_support import reference_run, slurm  # noqa: E402,F401

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
+import time
 
 import pytest
 
@@ -223,3 +225,172 @@ def test_health_job_check_reports_trainer_error(tmp_path, capsys):
                             f"data.root={tmp_path}/missing", "train.max_step=1"])
     err = capsys.readouterr().err
     assert rc == 1 and "trainer validation failed" in err and "train.max_step" in err
+
+
+# --------------------------------------------------------------------------- first failure, hangs
+
+
+def _verdict(kind, ranks, **kw):
+    return dict({"kind": kind, "slurm_job_id": "7", "slurm_restart": 0, "timeout_seconds": 18.0,
+                 "ranks": [{"rank": r, "host": h, "role": role, "what": what} for r, h, role, what in ranks]}, **kw)
+
+
+def test_classify_names_the_verdicts_first_failure_not_sruns_order():
+    """SIGKILL on node2's rank: its peer on node1 exits first and srun reports node1 first (what the issue saw)."""
+    ends = parse_srun_line("srun: error: node1: task 0: Exited with exit code 1") + \
+        parse_srun_line("srun: error: node2: task 1: Killed")
+    assert classify(1, ends).message.startswith("training FAILED: rank 0 on node1")  # srun's order alone
+    verdict = _verdict("failure", [(1, "node2", "first", "no sign of life since 12:00:01"),
+                                   (0, "node1", "then", "RuntimeError: Connection reset by peer")])
+    out = classify(1, ends, verdict=verdict)
+    assert out.status == "failed" and out.exit_code == 1
+    assert out.message == ("training FAILED: rank 1 on node2: Killed (no sign of life since 12:00:01); after it: "
+                           "rank 0 on node1 (Exited with exit code 1 (RuntimeError: Connection reset by peer))")
+    assert [(t.task, t.node) for t in out.failed_tasks] == [(1, "node2"), (0, "node1")]
+
+
+def test_classify_hang_exit_7_names_the_stuck_rank():
+    ends = parse_srun_line("srun: error: node1: task 0: Exited with exit code 7") + \
+        parse_srun_line("srun: error: node2: task 1: Killed")
+    verdict = _verdict("hang", [(1, "node2", "first", "no sign of life for 19 s"), (0, "node1", "then", "waiting")])
+    out = classify(7, ends, verdict=verdict)
+    assert (out.status, out.exit_code) == ("hung", launch.EXIT_HUNG) and launch.EXIT_HUNG == 7
+    assert out.message == ("training HUNG, no progress for 18 s (run.hang_timeout_minutes): rank 1 on node2: no sign "
+                           "of life for 19 s; after it: rank 0 on node1 (Exited with exit code 7 (waiting))")
+    # Without a verdict (none could be written), exit 7 still means a hang, with the reporting task named.
+    bare = classify(7, ends[:1])
+    assert bare.status == "hung" and "rank 0 on node1" in bare.message
+    # The deepspeed launcher: srun's tasks are node launchers, matched to the verdict's ranks by node.
+    ds = classify(7, parse_srun_line("srun: error: node1: task 0: Exited with exit code 7"), "deepspeed", verdict)
+    assert "rank 1 on node2: no sign of life" in ds.message and "rank 0 on node1 (Exited with exit code 7" in ds.message
+
+
+def test_classify_step_killed_by_the_launcher():
+    ends = parse_srun_line("srun: error: node1: task 0: Exited with exit code 7")
+    verdict = _verdict("hang", [(1, "node2", "first", "no sign of life"), (0, "node1", "then", "waiting")])
+    out = classify(-9, ends, verdict=verdict, killed="srun has not ended 15 s after the first task ended")
+    assert out.status == "hung" and out.message.endswith("[srun has not ended 15 s after the first task ended: the "
+                                                         "launcher killed the step]")
+    assert classify(-9, [], killed="no rank alive").status == "failed"
+    assert classify(0, [], killed="no rank alive").status == "failed"
+
+
+def test_step_runner_kills_an_srun_that_waits_for_a_lost_node():
+    """After the first task end, srun gets TEARDOWN_GRACE seconds; one waiting for a lost node is killed."""
+    from cluster.step_runner import StepRunner
+
+    fake_srun = [sys.executable, "-c", "import sys, time; sys.stderr.write('srun: error: node1: task 0: Exited with exit "
+                                       "code 7\\n'); sys.stderr.flush(); time.sleep(120)"]
+    runner = StepRunner(teardown_grace=1.0)
+    t0 = time.monotonic()
+    rc = runner.run(fake_srun)
+    assert time.monotonic() - t0 < 20 and rc == -9
+    assert runner.killed_reason.startswith("srun has not ended 1 s after the first task ended")
+    assert [(e.task, e.node, e.code) for e in runner.ends] == [(0, "node1", 7)]
+    # A step that ends by itself is left alone.
+    runner = StepRunner(teardown_grace=1.0)
+    assert runner.run([sys.executable, "-c", "pass"]) == 0 and runner.killed_reason is None
+
+
+def test_silence_watch_fires_only_when_every_rank_is_silent(tmp_path):
+    from cluster.step_runner import silence_watch
+    from trainer.monitor.liveness import read_verdict, write_record
+
+    run = str(tmp_path)
+    clock = [1000.0]
+    watch = silence_watch(run, "7", 0, 2, 18.0, clock=lambda: clock[0])
+    assert watch() is None  # no records yet (ranks starting)
+    for rank, host in ((0, "node1"), (1, "node2")):
+        write_record(run, {"rank": rank, "host": host, "attempt": "tok", "slurm_job_id": "7", "slurm_restart": 0,
+                           "step": 3, "phase": "backward", "progress_time": 990.0, "time": 1000.0 - 5 * rank})
+    clock[0] = 1010.0
+    assert watch() is None
+    clock[0] = 1000.0 + 18 + 3 - 0.5  # rank 1 silent past the limit, rank 0 not yet
+    assert watch() is None
+    clock[0] = 1000.0 + 18 + 3 + 0.5
+    reason = watch()
+    assert reason and "no rank has written a liveness record" in reason
+    verdict = read_verdict(run, job=("7", 0))
+    assert verdict["kind"] == "hang" and [e["rank"] for e in verdict["ranks"]] == [1, 0]
+    assert silence_watch(run, "7", 0, 2, 0.0, clock=lambda: 1e9)() is None  # hang watchdog off: never
+
+
+def test_requeue_on_hang_is_a_config_choice(tmp_path, monkeypatch, capsys):
+    """A hung attempt ends FAILED with exit 7 by default; with run.requeue_on_hang=true the launcher requeues it."""
+    def launch_hung(extra):
+        for k in list(os.environ):
+            if k.startswith("SLURM_"):
+                monkeypatch.delenv(k, raising=False)
+        env = {"SLURM_JOB_ID": "31", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS_PER_NODE": "1",
+               "CONFIG": os.path.join(REPO, "configs", "tiny.yaml"), "RUN_DIR": str(tmp_path / "run"),
+               "HEALTH_CHECK": "0", "OVERRIDES": f"train.max_steps=3 {extra}"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.chdir(REPO)
+        requeued = []
+        monkeypatch.setattr(launch, "requeue", lambda job: requeued.append(job) or True)
+
+        def hung_step(self, cmd, env=None, forward=True, watch=None):
+            from trainer.monitor.liveness import publish
+            self.ends = parse_srun_line("srun: error: node1: task 0: Exited with exit code 7")
+            publish(str(tmp_path / "run"), _verdict("hang", [(1, "node2", "first", "no sign of life"),
+                                                             (0, "node1", "then", "waiting")], message="m",
+                                                    slurm_job_id="31"))
+            return 6
+
+        monkeypatch.setattr(launch.StepRunner, "run", hung_step)
+        return launch.main([]), requeued
+
+    rc, requeued = launch_hung("")
+    assert rc == 7 and requeued == []
+    assert "error: training HUNG, no progress for 18 s (run.hang_timeout_minutes): rank 1 on node2" in capsys.readouterr().err
+    os.unlink(tmp_path / "run" / "failure.json")
+    rc, requeued = launch_hung("run.requeue_on_hang=true")
+    assert rc == 0 and requeued == ["31"]
+    from cluster.step_runner import StepRunner  # noqa: F401  (the class the launcher runs steps with)
+    import json as _json
+    hist = [_json.loads(line) for line in open(tmp_path / "run" / "launch" / "history.jsonl")]
+    assert [(h["outcome"], h["exit_code"], h.get("requeued")) for h in hist] == [("hung", 7, None), ("hung", 7, True)]
+
+
+# --------------------------------------------------------------------------- pre-flight across nodes
+
+
+def test_compare_nodes_names_the_node_that_differs():
+    base = {"python": "CPython 3.11.7", "torch": "2.13.0+cpu", "deepspeed": "0.19.8", "project": "0.1.0 source abc",
+            "paths": {"deepspeed": "/site/deepspeed"}}
+    records = {"node1": dict(base), "node2": dict(base, deepspeed="0.0.1", paths={"deepspeed": "/n2/deepspeed"})}
+    assert health_check.compare_nodes({"node1": base, "node2": base}, ["node1", "node2"]) == []
+    assert health_check.compare_nodes(records, ["node1", "node2"]) == [
+        "node node2: deepspeed 0.0.1 from /n2/deepspeed (node node1: 0.19.8)"]
+    # Three nodes: the majority is the reference, even against the first node.
+    records3 = {"n1": dict(base, torch="2.12.0"), "n2": dict(base), "n3": dict(base)}
+    problems = health_check.compare_nodes(records3, ["n1", "n2", "n3"])
+    assert len(problems) == 1 and problems[0].startswith("node n1: torch 2.12.0") and "node n2,n3: 2.13.0+cpu" in problems[0]
+    # A node that wrote no record (it could not write the run directory).
+    assert health_check.compare_nodes({"n1": base}, ["n1", "n2"]) == [
+        "node n2: no pre-flight record (could it write the run directory?)"]
+
+
+def test_installed_version_reads_the_metadata_beside_what_import_resolves_to(tmp_path, monkeypatch):
+    (tmp_path / "fakepkg_mn").mkdir()
+    (tmp_path / "fakepkg_mn" / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (tmp_path / "fakepkg_mn-3.1.4.dist-info").mkdir()
+    (tmp_path / "fakepkg_mn-3.1.4.dist-info" / "METADATA").write_text("Name: fakepkg_mn\nVersion: 3.1.4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert health_check.installed_version("fakepkg_mn") == ("3.1.4", str(tmp_path / "fakepkg_mn"))
+    assert health_check.installed_version("no_such_pkg_mn") == ("not installed", "-")
+    versions = health_check.node_versions()
+    import deepspeed.git_version_info as dsv  # noqa: F401  (the real one, for comparison)
+    import torch
+    assert versions["torch"] == torch.__version__ and versions["deepspeed"] == dsv.version
+    assert versions["project"].split(" source ")[1] == health_check.source_fingerprint(REPO)
+
+
+def test_source_fingerprint_changes_with_the_source(tmp_path):
+    for pkg in health_check.PROJECT_PACKAGES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("x = 1\n")
+    before = health_check.source_fingerprint(str(tmp_path))
+    (tmp_path / "trainer" / "__init__.py").write_text("x = 2\n")
+    assert health_check.source_fingerprint(str(tmp_path)) != before

@@ -1,18 +1,19 @@
-"""Slurm integration: the real cluster/*.slurm scripts on a real single-node Slurm (CPU ranks, gloo).
+"""Slurm integration: the real cluster/*.slurm scripts, one-node jobs (CPU ranks, gloo).
 
-Starts Slurm with ``../shared/slurm/start.sh`` (relative to the repository; ``$SLURM_DIR/start.sh`` as
-a fallback) and skips with the reason only where it cannot run (not root, no script, start failed).
-Job state is polled with ``scontrol show job`` (no accounting database here, so no sacct) with
-bounded waits that fail with the job's output attached.
+They run on the session's two-node cluster (tests/slurm_support.py: node1 and node2, 2 CPUs each), where a
+``--nodes=1 --ntasks-per-node=2`` job gets one node to itself, as on the single-node cluster these tests were written
+for; Slurm picks the node. Job state is polled with ``scontrol show job`` (no accounting database here, so no sacct)
+with bounded waits that fail with the job's output attached.
 
 Jobs (2 CPU ranks each, tiny DiT, fp32 — deterministic, so losses compare exactly):
-- an uninterrupted 60-step run of cluster/train_xl.slurm (also the reference trajectory);
+- an uninterrupted 60-step run of cluster/train_xl.slurm (also the reference trajectory; tests/slurm_support.py);
 - the same job sent USR1 mid-run: checkpoint → exit 75 → self-requeue → resume → equal losses;
 - `scontrol requeue` of an attempt that cannot exit cleanly: the requeued attempt reclaims its own lease at once;
 - a config typo: FAILED in seconds with the key named;
 - scancel: a checkpoint within KillWait, the job stays CANCELLED (no requeue);
 - a killed rank: FAILED with the rank named, last checkpoint intact;
 - an encode array of 2 tasks: disjoint shards covering every image exactly once.
+The two-node jobs are in tests/test_slurm_multinode.py.
 """
 from __future__ import annotations
 
@@ -20,139 +21,15 @@ import glob
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tarfile
 import time
 
-import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-            "DEADLINE"}
-STEPS = 60
-# Same config for the reference and the preempted run; the checkpoint cadence is part of the config
-# (equal for both) and kept sparse so the preemption checkpoint is the one the resume uses.
-TRAIN_OVERRIDES = f"train.max_steps={STEPS} log.every=1 checkpoint.every=25 log.wandb.mode=offline"
-CPU_ALLOC = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none"]
-
-
-# --------------------------------------------------------------------------- cluster
-
-
-def _start_script() -> str | None:
-    candidates = [os.path.normpath(os.path.join(REPO, "..", "shared", "slurm", "start.sh"))]
-    if os.environ.get("SLURM_DIR"):
-        candidates.append(os.path.join(os.environ["SLURM_DIR"], "start.sh"))
-    return next((c for c in candidates if os.path.isfile(c)), None)
-
-
-def _slurm_up() -> bool:
-    if not shutil.which("scontrol"):
-        return False
-    try:
-        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "is UP" in out
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    if _slurm_up() and shutil.which("sbatch"):
-        started_here = False
-    else:
-        script = _start_script()
-        if script is None:
-            pytest.skip("no Slurm start script at ../shared/slurm/start.sh or $SLURM_DIR/start.sh")
-        if os.geteuid() != 0:
-            pytest.skip("starting the local Slurm needs root")
-        proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            pytest.skip(f"local Slurm could not start: {(proc.stderr or proc.stdout)[-1500:]}")
-        started_here = True
-    yield
-    if started_here:
-        stop = os.path.join(os.path.dirname(_start_script() or ""), "stop.sh")
-        if os.path.isfile(stop):
-            subprocess.run(["bash", stop], capture_output=True, timeout=120)
-
-
-def job_info(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        return {}
-    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
-
-
-def read_output(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return f"<no output file {path}>"
-
-
-def wait_job(job_id: str, out_path: str, timeout: float, what: str, done=None) -> dict:
-    """Poll `scontrol show job` until ``done(info)`` (default: a terminal state); fail with the output."""
-    done = done or (lambda info: info.get("JobState") in TERMINAL)
-    deadline = time.monotonic() + timeout
-    info: dict = {}
-    while time.monotonic() < deadline:
-        info = job_info(job_id)
-        if info and done(info):
-            return info
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_id], capture_output=True)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for job {job_id} to {what}; last state "
-                         f"{info.get('JobState')} restarts {info.get('Restarts')}\n--- output\n{read_output(out_path)[-6000:]}")
-
-
-def wait_for(predicate, timeout: float, what: str, on_fail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_fail()}")
-
-
-def submit(script: str, out_path: str, env_extra: dict, sbatch_args=()) -> str:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
-    env.update(env_extra)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = ["sbatch", "--parsable", f"--output={out_path}", *sbatch_args, script]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"sbatch failed: {' '.join(cmd)}\n{proc.stderr}"
-    return proc.stdout.strip().split(";")[0]
-
-
-from tests.runs import losses_by_step as losses  # noqa: E402
-from trainer.rundir import read_metrics as metrics  # noqa: E402
-
-
-def train_env(run_dir: str, demo_root: str, extra: str = "") -> dict:
-    return {"CONFIG": "configs/tiny.yaml", "DS_CONFIG": "zero2.json", "RUN_DIR": run_dir,
-            "OVERRIDES": f"data.root={demo_root} {TRAIN_OVERRIDES} {extra}".strip()}
-
-
-# --------------------------------------------------------------------------- jobs
-
-
-@pytest.fixture(scope="module")
-def reference_run(slurm, demo_root, tmp_path_factory):
-    """An uninterrupted `sbatch cluster/train_xl.slurm` run: 2 CPU ranks, 60 steps."""
-    tmp = tmp_path_factory.mktemp("slurm_ref")
-    run_dir, out = str(tmp / "run"), str(tmp / "job-%j.out")
-    env = train_env(run_dir, demo_root)
-    env.update({"WANDB_API_KEY": "0123456789abcdef-must-not-leak", "MY_SERVICE_TOKEN": "tok-must-not-leak"})
-    job = submit("cluster/train_xl.slurm", out, env, CPU_ALLOC)
-    out = out.replace("%j", job)
-    info = wait_job(job, out, 180, "finish")
-    return {"job": job, "run_dir": run_dir, "out": out, "info": info}
+from tests.runs import losses_by_step as losses
+from tests.slurm_support import (CPU_ALLOC, REPO, STEPS, TERMINAL, job_info, read_output, submit, train_env,
+                                 wait_for, wait_job)
+from trainer.rundir import read_metrics as metrics
 
 
 def test_train_xl_runs_to_completion(reference_run):

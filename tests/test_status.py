@@ -76,6 +76,26 @@ def test_crashed_without_heartbeat_or_with_an_error_event(tmp_path):
     assert run_status(str(never), now=NOW, query_slurm=False)["state"] == "crashed"
 
 
+def test_hung_and_first_failure_name_the_rank_and_node(tmp_path):
+    """The one 'error' event a failure verdict writes (trainer/monitor/liveness.py): hung names the stuck rank first,
+    a rank failure the rank that failed first."""
+    msg = ("no progress for 18 s (run.hang_timeout_minutes): rank 1 on node2: no sign of life for 19 s; "
+           "then rank 0 on node1 (waiting at step 62 backward since 12:00:00)")
+    hung = run_status(make_run(tmp_path, "hung", events=[{"event": "error", "kind": "hang", "step": 61, "message": msg,
+                                                         "first_rank": 1, "first_host": "node2"}]),
+                      now=NOW, query_slurm=False)
+    assert hung["state"] == "hung" and "HUNG" in hung["flags"] and hung["reason"] == msg
+    assert (hung["failure"]["first_rank"], hung["failure"]["first_host"]) == (1, "node2")
+    text = format_status(hung)
+    assert "[HUNG] !HUNG" in text and f"why: {msg}" in text
+    dead = run_status(make_run(tmp_path, "dead", events=[{"event": "error", "kind": "rank_failure", "step": 20,
+                                                         "message": "rank 1 on node2: no sign of life since 12:00:01; "
+                                                                    "then rank 0 on node1 (Connection reset by peer)",
+                                                         "first_rank": 1, "first_host": "node2"}]),
+                      now=NOW, query_slurm=False)
+    assert dead["state"] == "crashed" and dead["reason"].startswith("first failure: rank 1 on node2: no sign of life")
+
+
 def test_finished_and_resumed_after_an_earlier_finish(tmp_path):
     fin = make_run(tmp_path, "fin", steps=100, events=[{"event": "finished", "step": 100, "time": NOW - 10}],
                    heartbeat_age=3 * 3600, hb_state="finished")

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from trainer.engine.distributed import init_distributed
     from trainer.loop.trainer import run_training
 
-    device = init_distributed()
+    device = init_distributed(hang_seconds=cfg.run.hang_timeout_minutes * 60)
     return run_training(cfg, ds, stages, shard_sets, topo, device, takeover=args.takeover)
 
 

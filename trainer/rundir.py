@@ -33,6 +33,8 @@ LAUNCH_HISTORY = "history.jsonl"    # inside launch/: one record per attempt
 ROLLBACKS = "rollbacks.jsonl"       # one record per automatic rollback (and the data window it skipped)
 DIVERGED = "diverged"               # inside checkpoints/: checkpoints written after a divergence began, set aside
 CHECKPOINT_COMPLETE = "COMPLETE.json"  # inside each checkpoint: file list (sizes, checksums), written last
+RANKS = "ranks"                     # ranks/rank-NNNNN.json: every rank's liveness and progress (trainer/monitor/liveness.py)
+FAILURE = "failure.json"            # the first failure or hang of the current attempt, ranks in order (written once)
 
 
 def path(run_dir: str, *names: str) -> str:
@@ -67,6 +69,18 @@ def rollbacks_path(run_dir: str) -> str:
     return path(run_dir, ROLLBACKS)
 
 
+def ranks_dir(run_dir: str) -> str:
+    return path(run_dir, RANKS)
+
+
+def rank_path(run_dir: str, rank: int) -> str:
+    return path(run_dir, RANKS, f"rank-{int(rank):05d}.json")
+
+
+def failure_path(run_dir: str) -> str:
+    return path(run_dir, FAILURE)
+
+
 # --------------------------------------------------------------------------- exit codes
 # One meaning per number, shared by the trainer (trainer/main.py, the loop) and the launcher (cluster/launch.py).
 EXIT_OK = 0
@@ -76,6 +90,7 @@ EXIT_NAN_STOP = 3           # train.max_nan_steps non-finite steps in a row, no 
 EXIT_LAUNCH_ERROR = 4       # the launcher could not start the ranks (allocation, health check, launcher missing)
 EXIT_RUN_DIR_BUSY = 5       # another live run holds run.dir (refused at start, or this run's lease was taken over)
 EXIT_DIVERGED = 6           # diverged again after train.max_rollbacks rollbacks (or none possible): last good checkpoint kept
+EXIT_HUNG = 7               # a rank made no progress for run.hang_timeout_minutes: the job was torn down, stuck rank named
 EXIT_PREEMPTED = 75         # checkpointed on USR1/TERM for a requeue (EX_TEMPFAIL)
 
 EXIT_CODES = {
@@ -86,6 +101,7 @@ EXIT_CODES = {
     EXIT_LAUNCH_ERROR: "launch error (ranks not started)",
     EXIT_RUN_DIR_BUSY: "run directory held by another run",
     EXIT_DIVERGED: "diverged; rollbacks used up or impossible (last good checkpoint kept)",
+    EXIT_HUNG: "hung: a rank made no progress for run.hang_timeout_minutes; torn down (stuck rank named)",
     EXIT_PREEMPTED: "preempted: checkpointed for requeue",
 }
 

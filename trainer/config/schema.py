@@ -30,6 +30,8 @@ class RunSection:
     seed: int = 0
     name: str = ""
     lease_timeout_minutes: float = 5.0  # a lease holder silent this long is presumed dead and taken over
+    hang_timeout_minutes: float = 30.0  # a rank without progress this long: job torn down, stuck rank named (0 = off)
+    requeue_on_hang: bool = False  # requeue the Slurm job after a hang (off: a deterministic hang would loop)
 
 
 @dataclass

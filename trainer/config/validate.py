@@ -16,7 +16,8 @@ POSITIVE = ("train.max_steps", "train.global_batch", "train.micro_batch", "log.e
             "log.heartbeat_seconds")
 NON_NEGATIVE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes", "log.stall_minutes",
-                "train.max_nan_steps", "train.max_rollbacks", "train.blowup_steps", "log.spike_factor")
+                "train.max_nan_steps", "train.max_rollbacks", "train.blowup_steps", "log.spike_factor",
+                "run.hang_timeout_minutes")
 
 
 def validate_values(cfg: RunConfig) -> None:
@@ -46,6 +47,9 @@ def validate_values(cfg: RunConfig) -> None:
     if cfg.run.lease_timeout_minutes * 60 < 2 * cfg.log.heartbeat_seconds:
         raise ConfigError(f"config key 'run.lease_timeout_minutes'={cfg.run.lease_timeout_minutes} must be at least two "
                           f"heartbeats (log.heartbeat_seconds={cfg.log.heartbeat_seconds}), or a live run would look dead")
+    if 0 < cfg.run.hang_timeout_minutes * 60 < 5:
+        raise ConfigError(f"config key 'run.hang_timeout_minutes'={cfg.run.hang_timeout_minutes} is under 5 seconds; "
+                          f"a rank's liveness record is written every second at best (0 turns the hang watchdog off)")
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' is not set")
     if cfg.sample.method in ("ddim", "ddpm") and cfg.sample.steps < 2:

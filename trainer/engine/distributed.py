@@ -61,7 +61,25 @@ def set_cpu_threads() -> int:
     return threads
 
 
-def init_distributed(timeout_minutes: int = 30) -> torch.device:
+DEFAULT_COLLECTIVE_TIMEOUT = 30 * 60.0  # seconds, when run.hang_timeout_minutes = 0 (hang watchdog off)
+
+
+def collective_timeout(backend: str, hang_seconds: float) -> float:
+    """The process group's collective timeout for a hang timeout of ``hang_seconds`` (0: watchdog off).
+
+    gloo: exactly the hang timeout. A collective waiting that long raises in the waiting rank, and the loop turns
+    that into the same hang verdict as the watchdog (trainer/loop/failures.py). NCCL: a little more. With
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (cluster/nccl.env) NCCL's own watchdog aborts the process at its timeout with
+    no Python exception, so the trainer's watchdog, which names the stuck rank, must act first.
+    """
+    if hang_seconds <= 0:
+        return DEFAULT_COLLECTIVE_TIMEOUT
+    if backend == "nccl":
+        return hang_seconds + max(30.0, 0.1 * hang_seconds)
+    return hang_seconds
+
+
+def init_distributed(hang_seconds: float = 0.0) -> torch.device:
     import deepspeed
 
     prepare_env()
@@ -71,7 +89,7 @@ def init_distributed(timeout_minutes: int = 30) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(minutes=timeout_minutes))
+                                   timeout=timedelta(seconds=collective_timeout(backend, hang_seconds)))
         if device.type == "cpu":
             release_deepspeed_shm_names()
     return device

@@ -6,25 +6,29 @@ run that then died are trained again, and must not appear twice.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
 import torch.distributed as dist
 
+from trainer.monitor.liveness import clear as clear_liveness
 from trainer.rundir import metrics_path, truncate_after_step
 from trainer.state.lease import Lease, RunDirBusy, describe
 
 
-def take_run_dir(run_dir: str, timeout_seconds: float, takeover: bool, rank: int) -> tuple[Optional[Lease], Optional[dict]]:
-    """Collective. Rank 0 gets (lease, takeover record or None); other ranks (None, the same record).
+def take_run_dir(run_dir: str, timeout_seconds: float, takeover: bool,
+                 rank: int) -> tuple[Optional[Lease], Optional[dict], str]:
+    """Collective. Rank 0 gets (lease, takeover record or None, attempt); other ranks (None, the same record, the
+    same attempt). ``attempt`` is the lease's token: it marks this attempt's liveness records (ranks/), and the
+    records and failure verdict of earlier attempts are removed before any rank of this one writes its own.
 
     Raises RunDirBusy on every rank when a live run holds ``run_dir``."""
     outcome, lease = None, None
     if rank == 0:
         lease = Lease(run_dir, timeout_seconds)
         try:
-            outcome = {"ok": True, "taken": lease.acquire(force=takeover)}
+            outcome = {"ok": True, "taken": lease.acquire(force=takeover), "attempt": lease.token}
+            clear_liveness(run_dir)
         except RunDirBusy as exc:
             outcome = {"ok": False, "message": str(exc)}
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -37,7 +41,7 @@ def take_run_dir(run_dir: str, timeout_seconds: float, takeover: bool, rank: int
     if taken and rank == 0:
         print(f"[trainer] took over {run_dir} from {describe(taken['previous'], lease.clock())}: {taken['reason']}",
               file=sys.stderr, flush=True)
-    return lease, taken
+    return lease, taken, outcome["attempt"]
 
 
 def rewind_metrics(run_dir: str, step: int) -> int:
@@ -60,29 +64,3 @@ def report_run_dir_events(metrics, skipped_checkpoints: list, taken: Optional[di
         metrics.event({"event": "lease_takeover", "step": step, "reason": taken["reason"],
                        "previous": {k: previous.get(k) for k in ("host", "pid", "slurm_job_id", "slurm_restart",
                                                                  "started")}})
-
-
-def load_converted(engine, ema, checkpoint: str, rank: int) -> None:
-    """Collective: resume ``checkpoint`` under another data-parallel size or ZeRO stage (trainer/state/convert.py).
-
-    Rank 0 converts it once (atomically, beside the original) while the others wait; every rank then loads its
-    new partitions through DeepSpeed's universal loader and its EMA slice from the consolidated EMA."""
-    from trainer.engine.distributed import barrier
-    from trainer.state.consolidate import consolidated_ema
-    from trainer.state.convert import ensure_universal, universal_path
-
-    if rank == 0:
-        out, seconds = ensure_universal(checkpoint)
-        print(f"[trainer] {checkpoint} converted for a new layout in {seconds:.1f} s ({out})"
-              if seconds else f"[trainer] using the existing conversion {out}", flush=True)
-    barrier()
-    universal = universal_path(checkpoint)
-    engine._config.load_universal_checkpoint = True  # only for this load: later loads (rollbacks) are native
-    try:
-        load_path, _ = engine.load_checkpoint(os.path.dirname(universal), tag=os.path.basename(universal))
-    finally:
-        engine._config.load_universal_checkpoint = False
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
-    tensors, _ = consolidated_ema(checkpoint)
-    ema.load_full(tensors)

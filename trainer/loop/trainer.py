@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from trainer import rundir
 from trainer.config.model import architecture
-from trainer.config.resume import layout_record, resume_mode
+from trainer.config.resume import layout_record
 from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
 from trainer.config.stages import Stage, stage_at
@@ -26,11 +26,13 @@ from trainer.engine.lr_schedule import StageLRScheduler
 from trainer.engine.objective import build_objective_from_config
 from trainer.engine.optimizer import optimizer_config, param_groups
 from trainer.loop.data import make_stream
+from trainer.loop.failures import Failures
 from trainer.loop.grids import ema_sample_grid
-from trainer.loop.ownership import load_converted, report_run_dir_events, rewind_metrics, take_run_dir
+from trainer.loop.ownership import report_run_dir_events, rewind_metrics, take_run_dir
 from trainer.loop.preemption import PreemptionFlag
+from trainer.loop.restore import restore_checkpoint
 from trainer.loop.rollback import RESTORED, Recovery
-from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, set_rng_state, step_generator
+from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, step_generator
 from trainer.monitor.faults import fault_pause_after_checkpoint
 from trainer.monitor.metrics import Metrics, build_metrics
 from trainer.monitor.monitor import Monitor
@@ -62,6 +64,7 @@ class Trainer:
         self.data_time = 0.0
         self.takeover = takeover
         self.lease, self.lease_taken, self.lease_lost = None, None, False
+        self.failures, self.beacon = None, None
         self.skipped_checkpoints: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
@@ -75,8 +78,10 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         # One writer per run directory: decided before anything is built or written (trainer/state/lease.py).
-        self.lease, self.lease_taken = take_run_dir(self.run_dir, cfg.run.lease_timeout_minutes * 60, self.takeover,
-                                                    self.rank)
+        self.lease, self.lease_taken, attempt = take_run_dir(self.run_dir, cfg.run.lease_timeout_minutes * 60,
+                                                             self.takeover, self.rank)
+        self.failures = Failures(self, attempt, dist.get_world_size())  # liveness record + hang watchdog, every rank
+        self.beacon = self.failures.start()
         first = self.shard_sets[0]
         channels, size, _ = first.latent_shape
         self.arch = architecture(cfg, in_channels=channels, input_size=size, num_classes=first.num_classes)
@@ -94,6 +99,8 @@ class Trainer:
         schedule, min_lr = cfg.train.lr_schedule, cfg.train.min_lr
         from trainer.engine.parallelize import build_engine  # TP / PP / DeepSpeed-MoE per the topology; plain DP as before
 
+        self.beacon.enter("engine")
+
         self.par = build_engine(model, arch=self.arch, topo=self.topo, ds=ds, objective=self.objective,
                                 param_groups=lambda m: param_groups(m, cfg.train.weight_decay),
                                 lr_scheduler=lambda opt: StageLRScheduler(opt, stages, schedule, min_lr),
@@ -110,7 +117,9 @@ class Trainer:
 
             save_ds_config(ds, rundir.path(self.run_dir, rundir.DS_CONFIG))
         barrier()
+        self.beacon.enter("resume")
         self._resume_or_init()
+        self.beacon.progress(self.state.step, "monitor", arm=False)
         self.metrics = self._build_metrics()
         report_run_dir_events(self.metrics, self.skipped_checkpoints, self.lease_taken, self.state.step)
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
@@ -141,27 +150,8 @@ class Trainer:
             rewind_metrics(self.run_dir, self.state.step)
 
     def _restore(self, path: str) -> ckpt.TrainerState:
-        """Collective: engine (weights, optimizer, LR schedule), EMA and RNGs from checkpoint ``path``; returns its
-        trainer state. Resume and rollback (trainer/loop/rollback.py) both come through here."""
-        saved = ckpt.read_trainer_state(path)
-        ckpt.check_model_config(saved.model_config, self.arch)
-        stage = self._stage_for_state(saved)
-        self._set_stage_shape(stage)
-        mode, problem = resume_mode(saved.layout or layout_record(self.topo, self.ds, stage),
-                                    layout_record(self.topo, self.ds, stage), moe=self.arch.moe is not None)
-        if mode == "refused":
-            raise RuntimeError(f"cannot resume {path} under this layout: {problem}")
-        if mode == "universal":  # another data-parallel size: DeepSpeed's universal checkpoint
-            load_converted(self.engine, self.ema, path, self.rank)
-        else:
-            load_path, _ = self.engine.load_checkpoint(self.ckpt_dir, tag=os.path.basename(path))
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-            self.ema.load_local_state(ckpt.load_ema_state(path, self.rank, self.ema.sharded))
-        rng = ckpt.load_rng_state(path, self.rank)
-        if rng is not None:
-            set_rng_state(rng)
-        return saved
+        """Collective: resume and rollback (trainer/loop/rollback.py) both restore through trainer/loop/restore.py."""
+        return restore_checkpoint(self, path)
 
     def _stage_for_state(self, state: ckpt.TrainerState) -> Stage:
         return self.stages[min(state.stage, len(self.stages) - 1)]
@@ -182,6 +172,7 @@ class Trainer:
         self.engine.set_train_batch_size(stage.global_batch)
 
     def _enter_stage(self, stage: Stage):
+        self.beacon.enter("stage")
         self._set_stage_shape(stage)
         if self.state.stage != stage.index:
             self.state.stage = stage.index
@@ -204,6 +195,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def next_batch(self, it):
         """The loader's next (latents, labels), with the wait counted as data time."""
+        self.beacon.enter("data")
         t0 = time.perf_counter()
         batch = next(it)
         self.data_time += time.perf_counter() - t0
@@ -231,7 +223,7 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
         y = y.to(self.device, non_blocking=True)  # (N,)
         timer = self.monitor.timer
-        timer.start()
+        self.monitor.phase("forward", micro)
         out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},
                                              noise=noise)
         timer.stop("fwd")
@@ -242,10 +234,10 @@ class Trainer:
         if self.monitor.nonfinite(total):  # agreed across ranks; the whole step is skipped (trainer/monitor/nan_guard.py)
             total = total * 0.0  # backward/step still run so DeepSpeed's counters stay consistent
         self.monitor.timesteps(t, out["loss"])
-        timer.start()
+        self.monitor.phase("backward")
         self.engine.backward(total)
         timer.stop("bwd")
-        timer.start()
+        self.monitor.phase("optimizer")
         with optimizer_update_skipped(self.engine, self.monitor.step_skipped):
             self.engine.step()
         timer.stop("opt")
@@ -312,15 +304,18 @@ class Trainer:
     def save(self) -> str:
         stage = self.stages[min(self.state.stage, len(self.stages) - 1)]
         self.state.layout = layout_record(self.topo, self.ds, stage)  # checked before a later launch resumes it
+        self.beacon.enter("checkpoint")
         path = ckpt.save_checkpoint(self.engine, self.ema, self.state, self.ckpt_dir, self.cfg.checkpoint.keep_last,
                                     rng_state(), ema_writer_ranks=self.par.ema_writer_ranks,
                                     extra_save=self.par.save_extra)
         log0(f"checkpoint {path}")
+        self.beacon.progress(self.state.step, "checkpoint")
         fault_pause_after_checkpoint(self.state.step)
         return path
 
     def sample(self, stage: Stage, name: Optional[str] = None) -> Optional[str]:
         """EMA sample grid at the stage's resolution (collective under ZeRO-3; rank 0 samples)."""
+        self.beacon.enter("sample")
         return ema_sample_grid(self, stage, name)
 
     # ------------------------------------------------------------------ main loop
@@ -402,9 +397,12 @@ def run_training(cfg: RunConfig, ds: dict, stages, shard_sets, topo, device, tak
         shutdown()  # every exit code of train() is reached by all ranks together
         return code
     except Exception as exc:
+        # The first failure of the job, named from every rank's liveness record (a collective timeout ends here as a
+        # hang, exit 7); then an 'error' event and alert for the status tool, then the real traceback.
+        message = trainer.failures.handle(exc) if trainer.failures is not None else None
         monitor = getattr(trainer, "monitor", None)
-        if monitor is not None:  # an 'error' event and alert for the status tool, then the real traceback
-            monitor.error(exc)
+        if monitor is not None:
+            monitor.error(exc, published=message)
             monitor.close("crashed")
         if trainer.lease is not None and not trainer.lease_lost:
             trainer.lease.release()

@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,13 @@ class Monitor:
         self.tr.lease_lost = True  # read by the loop at the next step boundary (agreed across ranks there)
 
     # ------------------------------------------------------------------ micro-steps
+    def phase(self, name: str, micro=None) -> None:
+        """Start timing a phase of the micro-step and tell this rank's liveness beacon where the rank is."""
+        self.timer.start()
+        beacon = getattr(self.tr, "beacon", None)
+        if beacon is not None:
+            beacon.enter(name, micro)
+
     def inject_fault(self, loss: torch.Tensor, micro: int) -> torch.Tensor:
         """The loss-level test hooks (trainer/monitor/faults.py); the activation hook sits in the network."""
         if self.scale_loss:
@@ -146,6 +154,8 @@ class Monitor:
                                       f"{state.nan_skipped} in total, act at {self.nan.max_in_row})", "WARN")
         if self.watchdog is not None:
             self.watchdog.beat(state.step)
+        if getattr(self.tr, "beacon", None) is not None:
+            self.tr.beacon.progress(state.step)
         return skipped
 
     @property
@@ -243,11 +253,16 @@ class Monitor:
             self.tr.metrics.alert("stopped: non-finite loss", msg, "ERROR")
             self.tr.metrics.event({"event": "error", "step": st.step, "kind": "nan_stop", "message": msg})
 
-    def error(self, exc: BaseException) -> None:
+    def error(self, exc: BaseException, published: Optional[str] = None) -> None:
+        """The logging rank's record of a crash. ``published``: the job's failure verdict (the first failing rank
+        named), already in events.jsonl as its one 'error' event (trainer/monitor/liveness.py): only alerted."""
         if not self.logging:
             return
         msg = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         try:
+            if published is not None:
+                self.tr.metrics.alert("crashed", f"first failure: {published}"[:500], "ERROR")
+                return
             self.tr.metrics.event({"event": "error", "step": self.tr.state.step, "kind": type(exc).__name__,
                                    "message": msg[-2000:]})
             self.tr.metrics.alert("crashed", msg[-500:], "ERROR")
@@ -258,3 +273,6 @@ class Monitor:
         if self.watchdog is not None:
             self.watchdog.stop(state)
             self.watchdog = None
+        beacon = getattr(self.tr, "beacon", None)
+        if beacon is not None and state != "crashed":  # a crash keeps the record its failure handler wrote
+            beacon.stop("done" if state == "finished" else state)

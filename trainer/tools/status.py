@@ -6,7 +6,10 @@ its age, heartbeat age, alerts, latest FID, Slurm job state.
 
 State (``state``), from the files alone (events.jsonl, heartbeat.json, lease.json; trainer/rundir.py):
   finished   a ``finished`` event after the last ``started`` event
-  crashed    an ``error`` event (exception, NaN stop, divergence past ``train.max_rollbacks``); or the lease holder died without a clean exit (its pid
+  hung       a ``hang`` error event: a rank made no progress for ``run.hang_timeout_minutes`` and the job was torn
+             down (exit 7); ``why`` names the stuck rank and its node first
+  crashed    an ``error`` event (exception, NaN stop, divergence past ``train.max_rollbacks``; a rank failure names the rank that failed first and its node,
+             then the ones that followed); or the lease holder died without a clean exit (its pid
              is gone on this host, or it has not heartbeaten for ``run.lease_timeout_minutes``); or the run
              ended without an end record; or nothing was ever written
   preempted  the run checkpointed for a requeue and released the run directory
@@ -209,6 +212,10 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
             holder_dead = f"no heartbeat for {format_duration(now - last_beat(run_dir, holder))} from {where}"
     if finished:
         state, reason = "finished", "finished event"
+    elif errors and errors[-1].get("kind") == "hang":
+        state, reason = "hung", str(errors[-1].get("message", ""))[:600]
+    elif errors and errors[-1].get("kind") == "rank_failure":
+        state, reason = "crashed", f"first failure: {str(errors[-1].get('message', ''))[:600]}"
     elif errors:
         state, reason = "crashed", f"{errors[-1].get('kind', 'error')}: {str(errors[-1].get('message', ''))[:200]}"
     elif heartbeat is not None and heartbeat.get("state") == "preempted" and holder is None:
@@ -243,6 +250,8 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         flags.append("DIVERGED")
     if state == "crashed":
         flags.append("CRASHED")
+    if state == "hung":
+        flags.append("HUNG")
 
     losses = [_num(r.get("loss")) for r in records if _num(r.get("loss")) is not None]
     step = int(last.get("step", 0)) if last else (heartbeat or {}).get("step", 0)
@@ -277,6 +286,8 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         "lease": {k: holder.get(k) for k in ("host", "pid", "slurm_job_id", "slurm_restart", "started")} if holder else None,
         "heartbeat_age_sec": hb_age,
         "seconds_since_step": idle,
+        "failure": ({k: errors[-1].get(k) for k in ("kind", "first_rank", "first_host", "message", "time")}
+                    if errors else None),
         "alerts": [{"title": a.get("title"), "text": a.get("text"), "level": a.get("level"), "time": a.get("time")}
                    for a in alerts[-10:]],
         "alert_count": len(alerts),
