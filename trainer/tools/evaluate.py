@@ -29,19 +29,17 @@ from trainer.rundir import evals_path
 
 
 def _dist_setup():
+    """(rank, world, device). The device is chosen (and set) before the process group starts, as NCCL binds
+    the current device at its first collective; the same mapping as training (trainer/engine/device.py)."""
     import torch.distributed as dist
 
+    from trainer.engine.device import pick_device
+
+    device = pick_device()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
