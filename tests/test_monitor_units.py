@@ -37,7 +37,9 @@ def test_model_flops_match_the_dit_paper():
 def test_peak_table_and_config_override():
     assert telemetry.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert telemetry.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 156.0
+    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0  # fp32 matmuls on TF32 cores
+    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5  # train.tf32=false: plain fp32
+    assert telemetry.gpu_peak_tflops("Tesla V100-SXM2-32GB", "tf32") == 15.7  # no TF32 units: the fp32 peak
     assert telemetry.gpu_peak_tflops("Some New Accelerator", "bf16") is None
     assert telemetry.peak_tflops(123.0, torch.device("cpu"), "bf16") == (123.0, "config log.peak_tflops")
     measured, source = telemetry.peak_tflops(0, torch.device("cpu"), "fp32")

@@ -20,6 +20,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from trainer.engine.device import math_mode
 from trainer.monitor import telemetry
 from trainer.monitor.faults import fault_nan_steps
 from trainer.monitor.nan_guard import NanGuard
@@ -43,24 +44,26 @@ class Monitor:
         self.spike = LossSpikeDetector(cfg.log.spike_factor)
         self.step_skipped = False
         self.skipped_since_log = 0
+        self._overflows_logged = 0  # fp16 overflow skips already reported
         self.sec_per_step = None  # smoothed, for the ETA
         self.peak, self.peak_source = float("nan"), "not measured"
+        self.math = trainer.cfg.train.precision
         self._flops = {}
         self.watchdog = None
 
     def start(self) -> "Monitor":
         cfg = self.tr.cfg
         if self.logging:
-            try:
-                self.peak, self.peak_source = telemetry.peak_tflops(cfg.log.peak_tflops, self.device,
-                                                                    cfg.train.precision)
+            try:  # the peak of the math in effect: TF32 only when torch's switch is on (train.tf32, CUDA)
+                self.math = math_mode(cfg.train.precision, self.device)
+                self.peak, self.peak_source = telemetry.peak_tflops(cfg.log.peak_tflops, self.device, self.math)
             except Exception as exc:  # noqa: BLE001
                 self.peak_source = f"unavailable ({exc})"
             print(f"[monitor] peak {self.peak:.3f} TFLOP/s per device ({self.peak_source})", flush=True)
             self.tr.metrics.event({"event": "started", "step": self.tr.state.step, "pid": os.getpid(),
                                    "host": socket.gethostname(),
                                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                                   "peak_tflops": self.peak, "peak_source": self.peak_source})
+                                   "peak_tflops": self.peak, "peak_source": self.peak_source, "math": self.math})
             # The heartbeat is always written (status and the lease rely on it); the stall alert is optional.
             stall = cfg.log.stall_minutes * 60
             interval = cfg.log.heartbeat_seconds if stall <= 0 else min(cfg.log.heartbeat_seconds, stall / 4)
@@ -68,6 +71,9 @@ class Monitor:
                                      on_lease_lost=self._lease_lost)
             self.watchdog.step = self.tr.state.step
             self.watchdog.start()
+        scaling = getattr(getattr(self.tr, "par", None), "loss_scaling", None)
+        if scaling is not None:  # resumed: overflow skips before the checkpoint were reported by the last run
+            self._overflows_logged = scaling.stats()["overflow_steps"]
         return self
 
     def _lease_lost(self) -> None:
@@ -159,6 +165,7 @@ class Monitor:
         out["skipped"] = self.skipped_since_log
         out["skipped_steps"] = tr.state.nan_skipped
         self.skipped_since_log = 0
+        out.update(self.loss_scale_fields())
         self.sec_per_step = step_time if self.sec_per_step is None else 0.7 * self.sec_per_step + 0.3 * step_time
         total = tr.stages[-1].end_step
         out["total_steps"] = total
@@ -170,6 +177,17 @@ class Monitor:
             except Exception as exc:  # noqa: BLE001
                 print(f"[monitor] WARNING: MoE stats unavailable: {exc}", file=sys.stderr)
         return out
+
+    def loss_scale_fields(self) -> dict:
+        """fp16: the loss scale and the optimizer steps skipped on overflow (since the last record, in total)."""
+        scaling = getattr(getattr(self.tr, "par", None), "loss_scaling", None)
+        if scaling is None:
+            return {}
+        stats = scaling.stats()
+        since = stats["overflow_steps"] - self._overflows_logged
+        self._overflows_logged = stats["overflow_steps"]
+        return {"loss_scale": stats["loss_scale"], "overflow_skipped": since,
+                "overflow_skipped_steps": stats["overflow_steps"]}
 
     def after_log(self, record: dict) -> None:
         if not self.logging:

@@ -24,43 +24,53 @@ from typing import Optional
 
 import torch
 
-# Dense peak TFLOP/s per device: (bf16/fp16 tensor core, fp32 [TF32 where the hardware has it]).
-# Sources: NVIDIA/AMD data sheets (SXM/OAM parts; PCIe parts are lower and matched first).
+# Dense peak TFLOP/s per device: (bf16/fp16 tensor core, TF32 tensor core or None without TF32, plain fp32).
+# Sources: NVIDIA/AMD data sheets (SXM/OAM parts; PCIe parts are lower and matched first). Which column
+# applies is the math the matmuls run in (trainer/engine/device.py ``math_mode``): an fp32 run with
+# ``train.tf32`` on an Ampere+ GPU is measured against the TF32 peak, without it against the fp32 one.
 GPU_PEAK_TFLOPS = [
-    ("H100 PCIe", (756.0, 378.0)),
-    ("H100 NVL", (835.0, 418.0)),
-    ("H100", (989.0, 494.0)),
-    ("H200", (989.0, 494.0)),
-    ("H800", (989.0, 494.0)),
-    ("GH200", (989.0, 494.0)),
-    ("B200", (2250.0, 1100.0)),
-    ("A100", (312.0, 156.0)),
-    ("A800", (312.0, 156.0)),
-    ("A10G", (70.0, 35.0)),
-    ("A10", (125.0, 62.5)),
-    ("L40S", (362.0, 183.0)),
-    ("L40", (181.0, 90.5)),
-    ("L4", (121.0, 60.0)),
-    ("RTX 4090", (165.0, 82.6)),
-    ("RTX 3090", (71.0, 35.6)),
-    ("V100", (125.0, 15.7)),
-    ("T4", (65.0, 8.1)),
-    ("MI300X", (1307.0, 654.0)),
-    ("MI250X", (383.0, 95.7)),
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100 NVL", (835.0, 418.0, 60.0)),
+    ("H100", (989.0, 494.0, 67.0)),
+    ("H200", (989.0, 494.0, 67.0)),
+    ("H800", (989.0, 494.0, 67.0)),
+    ("GH200", (989.0, 494.0, 67.0)),
+    ("B200", (2250.0, 1100.0, 80.0)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("A800", (312.0, 156.0, 19.5)),
+    ("A10G", (70.0, 35.0, 31.2)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("L40S", (362.0, 183.0, 91.6)),
+    ("L40", (181.0, 90.5, 90.5)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("RTX 4090", (165.0, 82.6, 82.6)),
+    ("RTX 3090", (71.0, 35.6, 35.6)),
+    ("V100", (125.0, None, 15.7)),
+    ("T4", (65.0, None, 8.1)),
+    ("MI300X", (1307.0, 654.0, 163.4)),
+    ("MI250X", (383.0, None, 95.7)),
 ]
+MATH_MODES = ("bf16", "fp16", "tf32", "fp32")
 
 
-def gpu_peak_tflops(name: str, precision: str) -> Optional[float]:
-    """Table lookup by device name (first matching entry); None for an unknown device."""
-    for key, (half, single) in GPU_PEAK_TFLOPS:
+def gpu_peak_tflops(name: str, math: str) -> Optional[float]:
+    """Table lookup by device name (first matching entry) for the math in effect ('bf16', 'fp16', 'tf32',
+    'fp32'; a precision name 'fp32' means plain fp32); None for an unknown device. 'tf32' on a GPU without
+    TF32 units is its fp32 peak (the switch does nothing there)."""
+    if math not in MATH_MODES:
+        raise ValueError(f"unknown math mode {math!r}; expected one of {MATH_MODES}")
+    for key, (half, tf32, single) in GPU_PEAK_TFLOPS:
         if key.lower() in name.lower():
-            return half if precision in ("bf16", "fp16") else single
+            if math in ("bf16", "fp16"):
+                return half
+            return tf32 if math == "tf32" and tf32 is not None else single
     return None
 
 
 def measure_matmul_tflops(precision: str = "fp32", n: int = 512, min_seconds: float = 0.2,
                           device: torch.device | str = "cpu") -> float:
-    """Measured n x n matmul throughput in TFLOP/s (2 n^3 FLOPs per product), best of a few timings."""
+    """Measured n x n matmul throughput in TFLOP/s (2 n^3 FLOPs per product), best of a few timings.
+    fp32 ('fp32' or 'tf32') runs with torch's TF32 switches as they are now, i.e. as the model's matmuls do."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if torch.device(device).type == "cpu" and dtype == torch.float16:
         dtype = torch.bfloat16
@@ -81,17 +91,17 @@ def measure_matmul_tflops(precision: str = "fp32", n: int = 512, min_seconds: fl
     return best
 
 
-def peak_tflops(configured: float, device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak TFLOP/s per device, where the number came from)."""
+def peak_tflops(configured: float, device: torch.device, math: str) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where the number came from) for the math the matmuls run in (``math_mode``)."""
     if configured and configured > 0:
         return float(configured), "config log.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        found = gpu_peak_tflops(name, precision)
+        found = gpu_peak_tflops(name, math)
         if found is not None:
-            return found, f"table ({name}, {precision})"
-        return measure_matmul_tflops(precision, n=4096, device=device), f"measured matmul on {name}"
-    return measure_matmul_tflops(precision), f"measured {precision} matmul on CPU, {torch.get_num_threads()} threads"
+            return found, f"table ({name}, {math})"
+        return measure_matmul_tflops(math, n=4096, device=device), f"measured {math} matmul on {name}"
+    return measure_matmul_tflops(math), f"measured {math} matmul on CPU, {torch.get_num_threads()} threads"
 
 
 def mfu(flops_per_sample: float, samples_per_sec: float, world_size: int, peak_tflops_per_device: float) -> float:
