@@ -45,7 +45,9 @@ from cluster.memory_model import (  # noqa: E402
     autocast_weight_cache_bytes,
     count_params,
     dit_kwargs,
+    grad_comm_bytes,
     model_state_bytes,
+    weight_bytes,
 )
 
 EXIT_IMPOSSIBLE = 2
@@ -114,22 +116,31 @@ def divisors(n: int) -> list[int]:
 # --------------------------------------------------------------------------- DeepSpeed JSON of a layout
 
 
+def shipped_ds_name(zero: int, offload: bool) -> str:
+    """The configs/ JSON a layout runs with: zero1/2/3.json, zero2/3_offload.json."""
+    return f"zero{zero}{'_offload' if offload else ''}.json"
+
+
 def ds_config_for(zero: int, offload: bool, params_per_rank: float) -> dict:
-    """ZeRO section only (the trainer fills batch/precision/optimizer). Buckets scale with the model, capped."""
+    """ZeRO section only (the trainer fills batch/precision/optimizer): the shipped JSON of the layout, with its
+    GPU settings (overlap_comm, contiguous gradients, pinned offload buffers) as they are, so the planner and
+    configs/ cannot disagree, and the bucket sizes scaled with the model (5e7..5e8 elements, a quarter of the
+    rank's parameters): large buckets keep NCCL at bandwidth for big models, small ones save memory."""
+    from trainer.config.ds_json import load_ds_config
+
+    ds = load_ds_config(shipped_ds_name(zero, offload))
+    z = ds["zero_optimization"]
     bucket = int(min(5e8, max(5e7, params_per_rank / 4)))
     bucket -= bucket % 1_000_000
-    z: dict = {"stage": zero, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": bucket}
+    z["reduce_bucket_size"] = bucket
     if zero in (1, 2):
         z["allgather_bucket_size"] = bucket
-        z["reduce_scatter"] = True
     if zero == 3:
         z["stage3_prefetch_bucket_size"] = int(min(bucket, 5e7))
-        z["stage3_param_persistence_threshold"] = 100000
-    if offload:
-        z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if zero == 3:
-            z["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {"zero_optimization": z}
+
+
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
 
 
 # --------------------------------------------------------------------------- evaluation of one candidate
@@ -182,9 +193,8 @@ def evaluate(req: Request, counts: dict, c: Candidate) -> Candidate:
     mp = c.tensor * c.pipeline
     dp_bw = req.intra_gbs if c.data * mp <= node else req.inter_gbs
     psi = (counts["trainable"] - counts["expert"]) / mp + counts["expert"] / (mp * c.expert)
-    w = 2 if req.precision == "fp16" else 4
-    rs = _ring_seconds(w * psi, c.data, dp_bw)
-    ag = _ring_seconds(w * psi, c.data, dp_bw)
+    rs = _ring_seconds(grad_comm_bytes(req.precision) * psi, c.data, dp_bw)  # gradients: the autocast dtype
+    ag = _ring_seconds(weight_bytes(req.precision) * psi, c.data, dp_bw)  # the fp32 weights after the step
     if c.zero == 1:
         dp = rs * (1 - req.comm_overlap) + ag
     elif c.zero == 2:
