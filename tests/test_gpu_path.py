@@ -154,3 +154,28 @@ def test_planner_json_is_the_shipped_json_with_model_sized_buckets(zero, offload
     if zero in (1, 2):
         assert gpu["transient"] == pytest.approx(2 * cpu["transient"])
     assert gpu["total"] == cpu["total"]
+
+
+# --------------------------------------------------------------------------- item 9: the VAE on the training device
+
+
+def test_grid_vae_is_loaded_once_on_the_training_device_and_decodes_there(demo_root, monkeypatch):
+    """The meta device stands in for a GPU: a VAE whose tensors stayed on the CPU, or a decode that went through the
+    host (the old ``latents.cpu()``), cannot produce a meta tensor."""
+    import data_pipeline.vae as vae_module
+    from trainer.config.shards import open_shard_set
+    from trainer.loop import grids
+
+    shards = open_shard_set(demo_root, 64)
+    loads, real = [], vae_module.load_vae_from_manifest
+    monkeypatch.setattr(vae_module, "load_vae_from_manifest",
+                        lambda *a, **k: loads.append(k.get("device")) or real(*a, **k))
+    monkeypatch.setattr(grids, "_VAES", {})
+    meta = torch.device("meta")
+    vae = grids.grid_vae(shards, meta)
+    assert grids.grid_vae(shards, meta) is vae and loads == [meta]  # loaded once, on the requested device
+    images = vae.decode(torch.zeros(2, *shards.latent_shape, device=meta))  # (2, C, h, w) latents
+    assert images.device == meta and tuple(images.shape) == (2, 3, 64, 64)
+    on_cpu = grids.grid_vae(shards, torch.device("cpu"))  # another device: its own copy, real numbers
+    assert loads == [meta, torch.device("cpu")]
+    assert torch.isfinite(on_cpu.decode(torch.zeros(1, *shards.latent_shape))).all()

@@ -77,8 +77,8 @@ def sample_batch(model, objective, vae, labels: torch.Tensor, noise: torch.Tenso
     else:
         kwargs, fn = {"y": y}, model.forward
     latents = objective.sample(fn, tuple(z.shape), noise=z, steps=steps, method=method, model_kwargs=kwargs)[:n]
-    images = vae.decode(latents.float().cpu())  # (N, 3, H, W) in [-1, 1]
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = vae.decode(latents.float())  # (N, 3, H, W) in [-1, 1], on the VAE's (the rank's) device
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def compute_metrics(images: np.ndarray, inception: str, ref: str | None, device="cpu") -> dict:
@@ -117,7 +117,6 @@ def main(argv=None) -> int:
 
     from trainer.state.checkpoint import read_trainer_state
     from trainer.config.schema import ConfigError
-    from trainer.loop.data import load_vae
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
     from trainer.engine.objective import build_objective_from_config
 
@@ -130,7 +129,9 @@ def main(argv=None) -> int:
     step = read_trainer_state(ck).step
     model, arch = load_ema_model(ck, input_size=shards.latent_shape[1], device=device)
     objective = build_objective_from_config(cfg, arch.learn_sigma)
-    vae = load_vae(shards)
+    from data_pipeline.vae import load_vae_from_manifest
+
+    vae = load_vae_from_manifest(shards.directory, device=device)  # decodes on this rank's device
     s = cfg.sample
     cfg_scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
     steps, method = args.steps or s.steps, args.method or s.method
