@@ -84,6 +84,9 @@ def fill_ds_config(ds: dict, cfg: RunConfig, *, global_batch: int, micro_batch: 
         apply_cpu_choices(ds)
     ds.setdefault("steps_per_print", 10 ** 9)  # the trainer does its own logging
     ds.setdefault("wall_clock_breakdown", False)
+    # ... and its own throughput: DeepSpeed's throughput timer synchronises the device at the start and end of
+    # every micro-step (two full GPU drains per micro-step, measured by tests/test_host_syncs.py)
+    ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     return ds
 
 

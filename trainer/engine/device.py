@@ -156,8 +156,6 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     A blocking host → device copy waits for every kernel queued before it; from pageable memory even a
     ``non_blocking`` copy may stage through the driver synchronously. Pinned memory plus ``non_blocking``
     is a DMA that overlaps the running step. On CPU this is a plain ``to``."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    if not tensor.is_pinned():
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=True)  # on CPU the flag changes nothing: one code path everywhere

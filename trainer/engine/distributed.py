@@ -83,7 +83,9 @@ def host_group():
     keeps running. Collective the first time (every rank calls ``init_distributed``); None without a group."""
     global _HOST_GROUP
     if _HOST_GROUP is None and dist.is_initialized() and dist.get_world_size() > 1:
-        _HOST_GROUP = dist.group.WORLD if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")
+        # its own group even when the world is gloo already (CPU runs): host-side agreement then takes the same
+        # path on every kind of device, and tools can tell a host collective from a device one by its group
+        _HOST_GROUP = dist.new_group(backend="gloo")
     return _HOST_GROUP
 
 

@@ -22,6 +22,7 @@ from trainer.config.schema import RunConfig, save_config
 from trainer.config.shards import ShardSet
 from trainer.engine.optimizer import optimizer_config, param_groups
 from trainer.loop.data import make_loader
+from trainer.engine.device import to_device_async
 from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
 from trainer.engine.lr_schedule import StageLRScheduler
 from trainer.monitor.metrics import Metrics, build_metrics
@@ -199,10 +200,10 @@ class Trainer:
         return t, noise, drop
 
     def _micro_step(self, batch, micro: int) -> dict:
-        x, y = batch
-        x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
-        y = y.to(self.device, non_blocking=True)  # (N,)
-        t, noise, drop = (v.to(self.device) for v in self.step_randomness(x.shape, micro))
+        x, y = batch  # pinned + non_blocking on CUDA: the host never waits for the GPU here (trainer/engine/device.py)
+        x = to_device_async(x, self.device)  # (N, C, H, W)
+        y = to_device_async(y, self.device)  # (N,)
+        t, noise, drop = (to_device_async(v, self.device) for v in self.step_randomness(x.shape, micro))
         timer = self.monitor.timer
         timer.start()
         out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},

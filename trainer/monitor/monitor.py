@@ -36,11 +36,12 @@ class Monitor:
         cfg = trainer.cfg
         self.logging = trainer._is_logging_rank()
         self.device = trainer.device
-        self.timer = telemetry.PhaseTimer(trainer.device)
+        self.timer = telemetry.PhaseTimer(trainer.device, active=self._log_step_running)
         self.nan = NanGuard(cfg.train.max_nan_steps, trainer.device)
         self.fault_steps = fault_nan_steps()
         self.t_max = telemetry.timestep_range(trainer.objective)
-        self.qsums = torch.zeros(2 * telemetry.QUARTILES, dtype=torch.float64)
+        # loss sums by timestep quartile, kept on the device and read on log steps only
+        self.qsums = torch.zeros(2 * telemetry.QUARTILES, dtype=torch.float64, device=trainer.device)
         self.spike = LossSpikeDetector(cfg.log.spike_factor)
         self.step_skipped = False
         self.skipped_since_log = 0
@@ -99,6 +100,14 @@ class Monitor:
         if not self.step_skipped:
             self.qsums += telemetry.timestep_bin_sums(t, per_sample_loss.float(), self.t_max)
 
+    def _log_step_running(self):
+        """The number of the step being run if the loop will log it (CUDA phase timing runs then), else None."""
+        tr = self.tr
+        step = tr.state.step + 1  # the loop counts a step when it ends
+        if step % tr.cfg.log.every == 0 or any(step == st.end_step for st in tr.stages):
+            return step
+        return None
+
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> None:
         self.step_skipped = False
@@ -141,14 +150,13 @@ class Monitor:
         tr = self.tr
         loader = getattr(tr, "loader", None)
         skipped_samples = float(getattr(loader, "skipped_samples", 0) or 0)
-        local = torch.cat([self.qsums, torch.tensor([skipped_samples], dtype=torch.float64)])
+        local = torch.cat([self.qsums, torch.tensor([skipped_samples], dtype=torch.float64, device=self.device)])
         world = dist.get_world_size() if dist.is_initialized() else 1
+        t0 = time.perf_counter()
         if world > 1:
-            t0 = time.perf_counter()
-            local = local.to(self.device)
             dist.all_reduce(local)
-            local = local.cpu()
-            self.timer.add("sync", time.perf_counter() - t0)
+        local = local.cpu()  # the one read of the quartile sums, on the log step
+        self.timer.add("sync", time.perf_counter() - t0)
         self.qsums.zero_()
         out = telemetry.quartile_means(local[:-1])
         out["data_skipped_samples"] = int(local[-1])  # summed over ranks (each data-parallel rank reads its own)

@@ -147,12 +147,13 @@ def timestep_range(objective) -> float:
 
 
 def timestep_bin_sums(t: torch.Tensor, per_sample_loss: torch.Tensor, t_max: float, bins: int = QUARTILES) -> torch.Tensor:
-    """(2 * bins,) float64: per-bin sum of losses, then per-bin counts. Bin k holds t in [k, k+1) * t_max / bins."""
-    t = t.detach().double().reshape(-1).cpu()
-    loss = per_sample_loss.detach().double().reshape(-1).cpu()
+    """(2 * bins,) float64 on t's device: per-bin sum of losses, then per-bin counts. Bin k holds t in
+    [k, k+1) * t_max / bins. Computed where the step ran, so accumulating it never waits for the GPU."""
+    t = t.detach().double().reshape(-1)  # (N,)
+    loss = per_sample_loss.detach().double().reshape(-1)  # (N,), on t's device (both come from the step)
     idx = torch.clamp((t / t_max * bins).floor().long(), 0, bins - 1)
-    sums = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, loss)
-    counts = torch.zeros(bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(loss))
+    sums = torch.zeros(bins, dtype=torch.float64, device=t.device).index_add_(0, idx, loss)
+    counts = torch.zeros(bins, dtype=torch.float64, device=t.device).index_add_(0, idx, torch.ones_like(loss))
     return torch.cat([sums, counts])
 
 
@@ -184,39 +185,64 @@ def moe_summary(stats: list[dict]) -> dict:
 class PhaseTimer:
     """Seconds per step spent in forward, backward, optimizer step and the loop's own collectives.
 
-    ``sync`` is the time in the trainer's explicit collectives (NaN agreement, metric reduction).
-    ZeRO's gradient reduce-scatter runs inside backward and its parameter all-gather inside the
-    optimizer step, so on CPU/gloo those are part of ``bwd_time`` / ``opt_time``; set
-    ``wall_clock_breakdown`` in the DeepSpeed JSON for DeepSpeed's own finer split.
+    ``sync`` is the host time in the trainer's explicit collectives (NaN agreement, metric reduction), measured
+    every step. ZeRO's gradient reduce-scatter runs inside backward and its parameter all-gather inside the
+    optimizer step, so those are part of ``bwd_time`` / ``opt_time``; set ``wall_clock_breakdown`` in the
+    DeepSpeed JSON for DeepSpeed's own finer split.
 
-    On CUDA the phases are separated by a device synchronisation, otherwise kernel time would land in
-    whichever phase happens to wait for it.
+    On CUDA the phases are timed with CUDA events, recorded on the steps ``active()`` names (the log steps) and
+    read when the record is taken, so timing never makes the host wait for the GPU on other steps (a
+    ``torch.cuda.synchronize`` around each phase would drain the queue three times per micro-step). The
+    reported fwd/bwd/opt times are those of the timed steps. On CPU, where reading the clock costs nothing,
+    every step is timed.
+
+    ``active()`` returns the number of the step being run when it is to be timed, else None.
     """
 
     PHASES = ("fwd", "bwd", "opt", "sync")
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, active=None):
         self.cuda = device.type == "cuda"
+        self.active = active if (active is not None and self.cuda) else (lambda: -1)
         self.totals = {p: 0.0 for p in self.PHASES}
+        self._pending: list = []  # (phase, start event, end event), CUDA
+        self._timed_steps: set = set()
         self._t0 = None
 
     def start(self) -> None:
+        step = self.active()
+        if step is None:
+            self._t0 = None
+            return
+        self._timed_steps.add(step)
         if self.cuda:
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
 
     def stop(self, phase: str) -> None:
         if self._t0 is None:
             return
         if self.cuda:
-            torch.cuda.synchronize()
-        self.totals[phase] += time.perf_counter() - self._t0
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((phase, self._t0, end))
+        else:
+            self.totals[phase] += time.perf_counter() - self._t0
         self._t0 = None
 
     def add(self, phase: str, seconds: float) -> None:
         self.totals[phase] += seconds
 
     def take(self, steps: int) -> dict:
-        out = {f"{p}_time": v / max(steps, 1) for p, v in self.totals.items()}
+        """Per-step means since the last call; reads the CUDA events (one wait, on the log step)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for phase, start, end in self._pending:
+                self.totals[phase] += start.elapsed_time(end) / 1000.0
+        timed = len(self._timed_steps) if self.cuda else steps
+        out = {f"{p}_time": v / max(steps if p == "sync" else timed, 1) for p, v in self.totals.items()}
         self.totals = {p: 0.0 for p in self.PHASES}
+        self._pending, self._timed_steps = [], set()
         return out
