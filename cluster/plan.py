@@ -2,6 +2,7 @@
 
     python -m cluster.plan --model DiT-XL/2 --resolution 512 --gpus 64 --gpu-mem 80 [--gpus-per-node 8]
         [--global-batch 256] [--moe-experts 0] [--precision bf16] [--peak-tflops 989] [--out DIR]
+        [--zero 2 --tensor 1 --pipeline 1]   (only layouts of that kind: a recipe's fixed DeepSpeed JSON)
 
 For every candidate layout it computes per-GPU memory with cluster/memory_model.py (model states as
 DeepSpeed 0.19 actually holds them — checked against CPU-rank measurements in tests/test_plan_zero.py —
@@ -82,6 +83,9 @@ class Request:
     max_tensor: int = 8
     max_pipeline: int = 8
     offload: bool = True  # consider ZeRO-Offload layouts (only chosen when nothing else fits or they win)
+    zero: int = 0  # 0 = any ZeRO stage; 1-3 = only that one (e.g. the DeepSpeed JSON a recipe ships with)
+    tensor: int = 0  # 0 = any tensor-parallel size; k = only k
+    pipeline: int = 0  # 0 = any pipeline size; k = only k
 
 
 @dataclass
@@ -260,13 +264,13 @@ def candidates(req: Request, arch: dict) -> list[Candidate]:
 
     out = []
     heads, hidden, depth = arch["num_heads"], arch["hidden_size"], arch["depth"]
-    tps = [t for t in divisors(req.gpus) if t <= min(req.max_tensor, req.gpus_per_node)]
-    pps = [p for p in divisors(req.gpus) if p <= req.max_pipeline]
+    tps = [t for t in divisors(req.gpus) if t <= min(req.max_tensor, req.gpus_per_node) and req.tensor in (0, t)]
+    pps = [p for p in divisors(req.gpus) if p <= req.max_pipeline and req.pipeline in (0, p)]
     eps = [e for e in divisors(req.gpus) if req.moe_experts and req.moe_experts % e == 0] or [1]
     for tp in tps:
         for pp in pps:
             for ep in eps:
-                for zero in (1, 2, 3):
+                for zero in [z for z in (1, 2, 3) if req.zero in (0, z)]:
                     try:
                         topo = Topology(req.gpus, tp, pp, ep).validate(
                             zero_stage=zero, num_heads=heads, hidden_size=hidden, depth=depth,
@@ -341,6 +345,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--comm-overlap", type=float, default=d.comm_overlap)
     ap.add_argument("--reserve-gib", type=float, default=d.reserve_gib)
     ap.add_argument("--no-offload", action="store_true", help="do not consider ZeRO-Offload layouts")
+    ap.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="only this ZeRO stage (0: any)")
+    ap.add_argument("--tensor", type=int, default=0, help="only this tensor-parallel size (0: any)")
+    ap.add_argument("--pipeline", type=int, default=0, help="only this pipeline size (0: any)")
     ap.add_argument("--top", type=int, default=12, help="rows of the ranking to print")
     ap.add_argument("--out", default=None, help="write overrides.txt, ds_config.json and plan.json here")
     return ap.parse_args(argv)
@@ -354,7 +361,8 @@ def main(argv=None) -> int:
                   gpus_per_node=a.gpus_per_node, global_batch=a.global_batch, moe_experts=a.moe_experts,
                   moe_top_k=a.moe_top_k, moe_every=a.moe_every, precision=a.precision, peak_tflops=a.peak_tflops,
                   mfu=a.mfu, intra_gbs=a.intra_gbs, inter_gbs=a.inter_gbs, comm_overlap=a.comm_overlap,
-                  reserve_gib=a.reserve_gib, offload=not a.no_offload)
+                  reserve_gib=a.reserve_gib, offload=not a.no_offload, zero=a.zero, tensor=a.tensor,
+                  pipeline=a.pipeline)
     try:
         result = plan(req)
     except PlanError as exc:
