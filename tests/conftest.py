@@ -19,3 +19,20 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
     build_demo_data(str(root), resolutions=(64, 128), seed=0)
     return str(root)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (benchmarks/gpu_check.sh runs these); skipped with "
+                                       "the reason where torch sees none")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda or 'none'}); benchmarks/gpu_check.sh runs these on a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
