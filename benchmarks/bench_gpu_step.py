@@ -194,8 +194,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-junit", default=None, help="pytest junit XML of the device tests, summarised in the record")
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU, a 2-block DiT (hidden 64) at 64 px, batch 2, one warm-up and two timed steps, eager only")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="the record to write (JSON)")
+    ap.add_argument("--markdown", default=None, metavar="RECORD",
+                    help="print docs/performance.md's GPU table rows from a record this script wrote, and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if not args.out:
+        ap.error("--out is required (or --markdown RECORD)")
     if args.dry_run:
         device = torch.device("cpu")
         args.model, args.resolutions, args.warmup, args.repeats, args.max_batch = "tiny", [64], 1, 2, 2
@@ -269,6 +276,27 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def markdown_table(record: dict) -> str:
+    """The rows of docs/performance.md's GPU table, from one record (so the document is filled, not retyped)."""
+    env = record["environment"]
+    lines = [f"<!-- {record['date']}: {env.get('device_name')} · driver {env.get('driver', '-')} · torch {env['torch']} "
+             f"(CUDA {env.get('cuda_build')}) · diffusers {env['diffusers']} · {record['command']} -->",
+             "| px | implementation | compiled | batch | samples/s | TFLOP/s | MFU (table peak) | MFU (measured matmul) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['resolution']} | {r['impl']} | {'yes' if r['compiled'] else 'no'} | "
+                         f"skipped: {r['skipped']} | | | | |")
+            continue
+        table = f"{100 * r['mfu_table']:.1f} %" if r.get("mfu_table") else "-"
+        lines.append(f"| {r['resolution']} | {r['impl']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | "
+                     f"{r['samples_per_s']:.1f} | {r['tflops']:.1f} | {table} | {100 * r['mfu_measured']:.1f} % |")
+    for q in record["ratios"]:
+        lines.append(f"| {q['resolution']} | ours ÷ diffusers | {'yes' if q['compiled'] else 'no'} | | "
+                     f"{q['ours_over_diffusers']:.2f}× | | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import time
 
 from tests.runs import REPO
@@ -37,6 +38,10 @@ def test_dry_run_walks_the_whole_gpu_check_on_cpu(tmp_path):
         assert r["batch"] == 2 and r["samples_per_s"] > 0 and r["tflops"] > 0 and r["mfu_measured"] > 0
     assert record["ratios"][0]["ours_over_diffusers"] > 0
     assert record["environment"]["torch"] and record["environment"]["diffusers"]
+    # the record fills docs/performance.md's GPU table
+    table = subprocess.run([sys.executable, "benchmarks/bench_gpu_step.py", "--markdown", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120).stdout
+    assert "| 64 | ours | no | 2 |" in table and "| 64 | diffusers | no | 2 |" in table and "ours ÷ diffusers" in table
     # nothing fetched, nothing written where GPU records live
     assert not os.path.exists(tmp_path / "hf") or not os.listdir(tmp_path / "hf")
     assert set(glob.glob(os.path.join(REPO, "benchmarks", "results", "gpu_*.json"))) == results_before
