@@ -127,6 +127,12 @@ def test_stall_is_flagged_alerted_once_and_cleared(tmp_path, capsys):
     metrics = Metrics([JsonlSink(run)])
     clock = [1000.0]
     dog = Watchdog(run, stall_seconds=60, interval=1, alert=metrics.alert, clock=lambda: clock[0])
+    # a live trainer holds the run dir's lease (trainer/state/lease.py); without one, status reports a run that
+    # heartbeats "running" as crashed
+    from trainer.state.lease import Lease
+
+    lease = Lease(run, timeout=300, clock=lambda: clock[0])
+    lease.acquire()
     dog.beat(5)
     assert dog.check(now=1030.0) is False
     hb = json.load(open(os.path.join(run, "heartbeat.json")))
@@ -145,6 +151,7 @@ def test_stall_is_flagged_alerted_once_and_cleared(tmp_path, capsys):
     assert [a["title"] for a in alerts] == ["stall", "stall cleared"]
     assert run_status(run, now=1104.0, stall_minutes=1, query_slurm=False)["state"] == "running"
     dog.stop("finished")  # the final heartbeat says so; no stall alert at shutdown
+    lease.release()
     assert json.load(open(os.path.join(run, "heartbeat.json")))["state"] == "finished"
 
 
