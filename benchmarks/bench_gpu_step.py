@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     table_peak = gpu_peak_tflops(env["device_name"], "bf16") if device.type == "cuda" else None
     measured_peak = matmul_peak_tflops(device, 256 if args.dry_run else 8192, 3 if args.dry_run else 10)
     print(f"{env['device_name']}: bf16 peak {table_peak} TFLOP/s (table), {measured_peak:.3g} TFLOP/s (measured matmul)")
-    rows, started = [], time.time()
+    rows, started, failed = [], time.time(), 0
     for res in args.resolutions:
         size = res // 8
         batches = {}
@@ -238,8 +238,17 @@ def main(argv=None) -> int:
                     block.compile()
             start_batch = batches.get(impl) or max_batch_estimate(args.model, res, device, args.max_batch)
             t0 = time.time()
-            batch, times = time_variant(model, impl == "diffusers", start_batch, size, device, args.warmup,
-                                        args.repeats, fixed_batch=compiled)
+            try:
+                batch, times = time_variant(model, impl == "diffusers", start_batch, size, device, args.warmup,
+                                            args.repeats, fixed_batch=compiled)
+            except Exception as exc:  # noqa: BLE001  (an unattended run records the failure and goes on)
+                failed += 1
+                rows.append(dict(resolution=res, impl=impl, compiled=compiled,
+                                 skipped=f"failed: {type(exc).__name__}: {str(exc)[:300]}"))
+                print(f"{res:>4} px {impl:<10} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                del model
+                gc.collect()
+                continue
             batches[impl] = batch
             step_s = statistics.median(times)
             sps = batch / step_s
@@ -275,7 +284,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
-    return 0
+    return 1 if failed else 0
 
 
 def markdown_table(record: dict) -> str:
