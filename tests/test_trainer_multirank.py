@@ -108,9 +108,10 @@ def test_flipped_byte_checkpoint_is_skipped_naming_the_file_and_resume_is_exact(
         f.seek(size // 2)
         f.write(bytes([byte[0] ^ 0x10]))
     assert os.path.getsize(victim) == size
+    flipped = file_digest(victim)  # before the run: it trains to step 10 again and replaces this checkpoint
     proc = run_training(2, _overrides(demo_root, run_dir), ds_config="zero2.json")
     out = proc.stderr + proc.stdout
-    assert f"skipping checkpoint step00000010: {victim} has xxh3_128 {file_digest(victim)}, COMPLETE.json records " \
+    assert f"skipping checkpoint step00000010: {victim} has xxh3_128 {flipped}, COMPLETE.json records " \
            f"{recorded}" in out, out[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step00000005 at step 5" in out
     steps = [r["step"] for r in read_metrics(run_dir)]
