@@ -240,10 +240,13 @@ def run_jobs(world: int, jobs: list[dict], timeout: float = 600) -> list[list[di
 
 
 def expected(model_kwargs: dict, ds_name_or_dict, world: int) -> dict:
-    from cluster.memory_model import count_params, model_state_bytes
-    from trainer.config.ds_json import load_ds_config
+    import copy
 
-    ds = ds_name_or_dict if isinstance(ds_name_or_dict, dict) else load_ds_config(ds_name_or_dict)
+    from cluster.memory_model import count_params, model_state_bytes
+    from trainer.config.ds_json import apply_cpu_choices, load_ds_config
+
+    ds = copy.deepcopy(ds_name_or_dict) if isinstance(ds_name_or_dict, dict) else load_ds_config(ds_name_or_dict)
+    apply_cpu_choices(ds)  # measured on CPU ranks: the JSON as the trainer fills it there
     counts = count_params(model_kwargs)
     return model_state_bytes(counts, ds, dp=world, precision="fp32")
 

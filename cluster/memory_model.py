@@ -2,10 +2,11 @@
 
 Model states (bytes per rank), with Ψ trainable parameters, N ranks in the ZeRO (data-parallel) group:
 
-  The trainer keeps fp32 parameters in every precision mode except fp16: ``train.precision=bf16`` is
-  DeepSpeed's torch-autocast mode (fp32 weights, bf16 matmuls), so weights, gradients, master copies and
-  Adam moments are 4 bytes each. (DeepSpeed's own estimators assume 16-bit weights: 2Ψ + 2Ψ + 12Ψ; that is
-  the fp16 row below.) Measured on CPU ranks (benchmarks/bench_zero_memory.py) DeepSpeed 0.19 holds:
+  The trainer keeps fp32 parameters in every precision mode: ``train.precision=bf16`` and ``fp16`` are
+  DeepSpeed's torch-autocast mode (fp32 weights, 16-bit matmuls; fp16 adds a loss scale), so weights,
+  gradients, master copies and Adam moments are 4 bytes each. (DeepSpeed's own estimators assume 16-bit
+  weights: 2Ψ + 2Ψ + 12Ψ, its "fp16" section, which the trainer does not use.) Measured on CPU ranks
+  (benchmarks/bench_zero_memory.py) DeepSpeed 0.19 holds:
 
     stage 1 / 2   params  w·Ψ_all       (module weights; ZeRO flattens them into one buffer, views, no copy)
                   grads   w·Ψ/N         (reduced into the owned partition bucket by bucket; stage 1 as well
@@ -23,7 +24,8 @@ Model states (bytes per rank), with Ψ trainable parameters, N ranks in the ZeRO
     offload_optimizer (stage 2/3): master, Adam moments and fp32 grads move to host memory, plus a w·Ψ/N
                   staging copy; offload_param (stage 3): the parameter partitions move to host as well.
 
-  w = 4 (fp32 / bf16-autocast) or 2 (fp16). Ψ_all also counts frozen parameters (the fixed pos_embed table).
+  w = 4 (``weight_bytes``; 2 only for 16-bit weights, which no trainer mode uses). Ψ_all also counts frozen
+  parameters (the fixed pos_embed table).
   Tensor/pipeline parallelism divide the per-rank parameter count first; expert parameters are divided by
   the expert-parallel size and ZeRO-partitioned over data/expert ranks (DeepSpeed's expert-data groups).
 
@@ -39,9 +41,9 @@ tests/test_plan.py):
     proj output, fc2 output (saved by the gate mul)    2·T·D      compute dtype
     fc1 output (GELU input), GELU output (fc2 input)   2·T·F      compute dtype
     LayerNorm mean/rstd (2 norms), attention logsumexp (4 + H)·T  fp32
-  = 13·T·D + 2·T·F elements; fp32: 84·T·D bytes at F = 4D, bf16 autocast: 30·T·D + 4·T·F = 46·T·D bytes.
+  = 13·T·D + 2·T·F elements; fp32: 84·T·D bytes at F = 4D, bf16/fp16 autocast: 30·T·D + 4·T·F = 46·T·D bytes.
   A checkpointed block keeps only its input (T·D fp32); one block is recomputed at a time in backward.
-  bf16 autocast also caches a bf16 copy of every weight from forward to backward (2 bytes per parameter).
+  bf16/fp16 autocast also caches a 16-bit copy of every weight from forward to backward (2 bytes per parameter).
 """
 from __future__ import annotations
 
@@ -120,6 +122,17 @@ def _ffn_width(kw: dict) -> int:
 # --------------------------------------------------------------------------- model states
 
 
+def weight_bytes(precision: str) -> int:
+    """Bytes per parameter (and gradient) the trainer keeps: 4 in every mode (bf16/fp16 are autocast over fp32)."""
+    return 4
+
+
+def grad_comm_bytes(precision: str) -> int:
+    """Bytes per gradient element on the wire: DeepSpeed's torch-autocast mode tags Linear/Conv weights with the
+    autocast dtype and reduces their gradients in it (its ``comm_dtype``), 2 bytes for bf16/fp16."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 def zero_settings(ds: dict) -> dict:
     z = ds.get("zero_optimization", {}) or {}
     off_opt = (z.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
@@ -140,7 +153,7 @@ def model_state_bytes(counts: dict, ds: dict, *, dp: int, precision: str = "fp32
     """Bytes per rank of parameters, gradients, optimizer states and ZeRO buffers (device and host)."""
     z = zero_settings(ds)
     stage = z["stage"]
-    w = 2 if precision == "fp16" else 4  # weight/grad bytes: bf16 runs keep fp32 weights (autocast)
+    w = weight_bytes(precision)  # weight/grad bytes: bf16 and fp16 runs keep fp32 weights (autocast)
     mp = tp * pp
     dense = counts["trainable"] - counts["expert"]
     # trainable parameters this rank owns before ZeRO partitioning: dense / (tp·pp), experts / (tp·pp·ep)
@@ -219,7 +232,7 @@ def activation_bytes_per_sample(counts: dict, precision: str = "fp32", checkpoin
     T, D, F, H = counts["tokens"], counts["hidden"], counts["mlp_hidden"], counts["heads"]
     L = math.ceil(counts["depth"] / pp)
     cb = 4 if precision == "fp32" else 2
-    fp32_b = 2 if precision == "fp16" else 4
+    fp32_b = 4  # the residual stream and norm statistics stay fp32 under autocast
     e = _block_elems(T, D, F, H, tp)
     block = fp32_b * e["fp32"] + cb * e["compute"]
     if moe and moe.get("num_experts"):
@@ -245,8 +258,8 @@ def activation_bytes_per_sample(counts: dict, precision: str = "fp32", checkpoin
 
 
 def autocast_weight_cache_bytes(counts: dict, precision: str, tp: int = 1, pp: int = 1) -> float:
-    """bf16 autocast keeps a bf16 copy of each weight used in forward until backward ends."""
-    return 2.0 * counts["trainable"] / (tp * pp) if precision == "bf16" else 0.0
+    """bf16/fp16 autocast keeps a 16-bit copy of each weight used in forward until backward ends."""
+    return 2.0 * counts["trainable"] / (tp * pp) if precision in ("bf16", "fp16") else 0.0
 
 
 def measure_saved_bytes(model, inputs: tuple, precision: str = "fp32") -> int:

@@ -2,6 +2,7 @@
 
     python -m cluster.plan --model DiT-XL/2 --resolution 512 --gpus 64 --gpu-mem 80 [--gpus-per-node 8]
         [--global-batch 256] [--moe-experts 0] [--precision bf16] [--peak-tflops 989] [--out DIR]
+        [--zero 2 --tensor 1 --pipeline 1]   (only layouts of that kind: a recipe's fixed DeepSpeed JSON)
 
 For every candidate layout it computes per-GPU memory with cluster/memory_model.py (model states as
 DeepSpeed 0.19 actually holds them — checked against CPU-rank measurements in tests/test_plan_zero.py —
@@ -45,7 +46,9 @@ from cluster.memory_model import (  # noqa: E402
     autocast_weight_cache_bytes,
     count_params,
     dit_kwargs,
+    grad_comm_bytes,
     model_state_bytes,
+    weight_bytes,
 )
 
 EXIT_IMPOSSIBLE = 2
@@ -80,6 +83,9 @@ class Request:
     max_tensor: int = 8
     max_pipeline: int = 8
     offload: bool = True  # consider ZeRO-Offload layouts (only chosen when nothing else fits or they win)
+    zero: int = 0  # 0 = any ZeRO stage; 1-3 = only that one (e.g. the DeepSpeed JSON a recipe ships with)
+    tensor: int = 0  # 0 = any tensor-parallel size; k = only k
+    pipeline: int = 0  # 0 = any pipeline size; k = only k
 
 
 @dataclass
@@ -114,22 +120,31 @@ def divisors(n: int) -> list[int]:
 # --------------------------------------------------------------------------- DeepSpeed JSON of a layout
 
 
+def shipped_ds_name(zero: int, offload: bool) -> str:
+    """The configs/ JSON a layout runs with: zero1/2/3.json, zero2/3_offload.json."""
+    return f"zero{zero}{'_offload' if offload else ''}.json"
+
+
 def ds_config_for(zero: int, offload: bool, params_per_rank: float) -> dict:
-    """ZeRO section only (the trainer fills batch/precision/optimizer). Buckets scale with the model, capped."""
+    """ZeRO section only (the trainer fills batch/precision/optimizer): the shipped JSON of the layout, with its
+    GPU settings (overlap_comm, contiguous gradients, pinned offload buffers) as they are, so the planner and
+    configs/ cannot disagree, and the bucket sizes scaled with the model (5e7..5e8 elements, a quarter of the
+    rank's parameters): large buckets keep NCCL at bandwidth for big models, small ones save memory."""
+    from trainer.config.ds_json import load_ds_config
+
+    ds = load_ds_config(shipped_ds_name(zero, offload))
+    z = ds["zero_optimization"]
     bucket = int(min(5e8, max(5e7, params_per_rank / 4)))
     bucket -= bucket % 1_000_000
-    z: dict = {"stage": zero, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": bucket}
+    z["reduce_bucket_size"] = bucket
     if zero in (1, 2):
         z["allgather_bucket_size"] = bucket
-        z["reduce_scatter"] = True
     if zero == 3:
         z["stage3_prefetch_bucket_size"] = int(min(bucket, 5e7))
-        z["stage3_param_persistence_threshold"] = 100000
-    if offload:
-        z["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if zero == 3:
-            z["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {"zero_optimization": z}
+
+
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
 
 
 # --------------------------------------------------------------------------- evaluation of one candidate
@@ -182,9 +197,8 @@ def evaluate(req: Request, counts: dict, c: Candidate) -> Candidate:
     mp = c.tensor * c.pipeline
     dp_bw = req.intra_gbs if c.data * mp <= node else req.inter_gbs
     psi = (counts["trainable"] - counts["expert"]) / mp + counts["expert"] / (mp * c.expert)
-    w = 2 if req.precision == "fp16" else 4
-    rs = _ring_seconds(w * psi, c.data, dp_bw)
-    ag = _ring_seconds(w * psi, c.data, dp_bw)
+    rs = _ring_seconds(grad_comm_bytes(req.precision) * psi, c.data, dp_bw)  # gradients: the autocast dtype
+    ag = _ring_seconds(weight_bytes(req.precision) * psi, c.data, dp_bw)  # the fp32 weights after the step
     if c.zero == 1:
         dp = rs * (1 - req.comm_overlap) + ag
     elif c.zero == 2:
@@ -250,13 +264,13 @@ def candidates(req: Request, arch: dict) -> list[Candidate]:
 
     out = []
     heads, hidden, depth = arch["num_heads"], arch["hidden_size"], arch["depth"]
-    tps = [t for t in divisors(req.gpus) if t <= min(req.max_tensor, req.gpus_per_node)]
-    pps = [p for p in divisors(req.gpus) if p <= req.max_pipeline]
+    tps = [t for t in divisors(req.gpus) if t <= min(req.max_tensor, req.gpus_per_node) and req.tensor in (0, t)]
+    pps = [p for p in divisors(req.gpus) if p <= req.max_pipeline and req.pipeline in (0, p)]
     eps = [e for e in divisors(req.gpus) if req.moe_experts and req.moe_experts % e == 0] or [1]
     for tp in tps:
         for pp in pps:
             for ep in eps:
-                for zero in (1, 2, 3):
+                for zero in [z for z in (1, 2, 3) if req.zero in (0, z)]:
                     try:
                         topo = Topology(req.gpus, tp, pp, ep).validate(
                             zero_stage=zero, num_heads=heads, hidden_size=hidden, depth=depth,
@@ -331,6 +345,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--comm-overlap", type=float, default=d.comm_overlap)
     ap.add_argument("--reserve-gib", type=float, default=d.reserve_gib)
     ap.add_argument("--no-offload", action="store_true", help="do not consider ZeRO-Offload layouts")
+    ap.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="only this ZeRO stage (0: any)")
+    ap.add_argument("--tensor", type=int, default=0, help="only this tensor-parallel size (0: any)")
+    ap.add_argument("--pipeline", type=int, default=0, help="only this pipeline size (0: any)")
     ap.add_argument("--top", type=int, default=12, help="rows of the ranking to print")
     ap.add_argument("--out", default=None, help="write overrides.txt, ds_config.json and plan.json here")
     return ap.parse_args(argv)
@@ -344,7 +361,8 @@ def main(argv=None) -> int:
                   gpus_per_node=a.gpus_per_node, global_batch=a.global_batch, moe_experts=a.moe_experts,
                   moe_top_k=a.moe_top_k, moe_every=a.moe_every, precision=a.precision, peak_tflops=a.peak_tflops,
                   mfu=a.mfu, intra_gbs=a.intra_gbs, inter_gbs=a.inter_gbs, comm_overlap=a.comm_overlap,
-                  reserve_gib=a.reserve_gib, offload=not a.no_offload)
+                  reserve_gib=a.reserve_gib, offload=not a.no_offload, zero=a.zero, tensor=a.tensor,
+                  pipeline=a.pipeline)
     try:
         result = plan(req)
     except PlanError as exc:

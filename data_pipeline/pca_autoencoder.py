@@ -64,6 +64,12 @@ class PatchPCAAutoencoder:
     def latent_channels(self) -> int:
         return int(self.components.shape[0])
 
+    def to(self, device) -> "PatchPCAAutoencoder":
+        """Move the projection to ``device`` (in place): decoding sample grids on the GPU that made them."""
+        self._mean_t = self._mean_t.to(device)
+        self._components_t = self._components_t.to(device)
+        return self
+
     @classmethod
     def fit(cls, batches: Iterable[torch.Tensor], patch_size: int = 8, num_components: int = 4) -> "PatchPCAAutoencoder":
         """Fit from batches of (N, 3, H, W) images in [-1, 1], accumulating moments in float64."""
@@ -91,14 +97,14 @@ class PatchPCAAutoencoder:
         return cls(mean, components, patch_size, 1.0 / max(raw_std, 1e-8), explained_variance=variance)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> scaled latents (N, K, H/p, W/p)."""
-        rows = _patches(images.float(), self.patch_size) - self._mean_t  # (N, h, w, D)
+        """(N, 3, H, W) in [-1, 1] -> scaled latents (N, K, H/p, W/p), on the projection's device."""
+        rows = _patches(images.float().to(self._mean_t.device), self.patch_size) - self._mean_t  # (N, h, w, D)
         codes = rows @ self._components_t.T  # (N, h, w, K)
         return codes.permute(0, 3, 1, 2).contiguous() * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (N, K, h, w) -> images (N, 3, h*p, w*p), roughly in [-1, 1]."""
-        codes = latents.float().permute(0, 2, 3, 1) / self.scaling_factor  # (N, h, w, K)
+        """Scaled latents (N, K, h, w) -> images (N, 3, h*p, w*p), roughly in [-1, 1], on the projection's device."""
+        codes = latents.float().to(self._components_t.device).permute(0, 2, 3, 1) / self.scaling_factor  # (N, h, w, K)
         rows = codes @ self._components_t + self._mean_t  # (N, h, w, D)
         return _unpatch(rows, self.patch_size)
 

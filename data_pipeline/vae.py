@@ -39,10 +39,15 @@ def autocast_context(device: torch.device, precision: str):
 
 
 class PCAVAE:
-    """Adapter around PatchPCAAutoencoder; the fitted file lives beside the shards."""
+    """Adapter around PatchPCAAutoencoder; the fitted file lives beside the shards.
 
-    def __init__(self, autoencoder: PatchPCAAutoencoder, file_name: str = PCA_FILE_NAME, sha256: str | None = None):
-        self.model = autoencoder
+    ``encode`` returns latents on the CPU (they go into shards); ``decode`` runs on ``device`` and returns images
+    there, so a rank decodes its sample grid on its own GPU."""
+
+    def __init__(self, autoencoder: PatchPCAAutoencoder, file_name: str = PCA_FILE_NAME, sha256: str | None = None,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = autoencoder.to(self.device)
         self.latent_channels = autoencoder.latent_channels
         self.downsample = autoencoder.patch_size
         self.scaling_factor = autoencoder.scaling_factor
@@ -59,16 +64,16 @@ class PCAVAE:
         }
 
     @classmethod
-    def from_file(cls, path: str) -> "PCAVAE":
-        return cls(PatchPCAAutoencoder.load(path), os.path.basename(path), file_sha256(path))
+    def from_file(cls, path: str, device: str | torch.device = "cpu") -> "PCAVAE":
+        return cls(PatchPCAAutoencoder.load(path), os.path.basename(path), file_sha256(path), device)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(images.cpu())  # (N, K, H/p, W/p)
+        return self.model.encode(images).cpu()  # (N, K, H/p, W/p)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(latents.cpu()).clamp(-1.0, 1.0)  # (N, 3, H, W)
+        return self.model.decode(latents).clamp(-1.0, 1.0)  # (N, 3, H, W) on self.device
 
 
 class DiffusersVAE:
@@ -118,7 +123,7 @@ class DiffusersVAE:
         raw = latents.to(self.device).float() / self.scaling_factor + self.shift_factor
         with autocast_context(self.device, self.precision):
             images = self.model.decode(raw).sample
-        return images.float().clamp(-1.0, 1.0).cpu()  # (N, 3, H, W)
+        return images.float().clamp(-1.0, 1.0)  # (N, 3, H, W) on self.device
 
 
 def load_vae(spec: dict, directory: str | None = None, *, device: str | torch.device = "cpu", precision: str = "auto"):
@@ -126,7 +131,7 @@ def load_vae(spec: dict, directory: str | None = None, *, device: str | torch.de
     kind = spec.get("type")
     if kind == "pca":
         path = os.path.join(directory or ".", spec["file"])
-        adapter = PCAVAE.from_file(path)
+        adapter = PCAVAE.from_file(path, device)
         if spec.get("sha256") and adapter.spec["sha256"] != spec["sha256"]:
             raise ValueError(f"{path}: sha256 {adapter.spec['sha256']} differs from the manifest's {spec['sha256']}")
         return adapter

@@ -177,6 +177,8 @@ class LabelEmbedder(nn.Module):
         """Replace labels by the null class: randomly (p = dropout_prob), or where force_drop_ids == 1."""
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        elif torch.is_tensor(force_drop_ids) and force_drop_ids.device == labels.device:
+            drop_ids = force_drop_ids == 1  # the trainer's flags, already beside the labels: no copy
         else:
             drop_ids = torch.as_tensor(force_drop_ids, device=labels.device) == 1
         return torch.where(drop_ids, self.num_classes, labels)

@@ -23,3 +23,20 @@ def demo_root(tmp_path_factory):
 
 # The Slurm cluster and the reference run, shared by tests/test_slurm_jobs.py and tests/test_slurm_multinode.py.
 from tests.slurm_support import reference_run, slurm  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (benchmarks/gpu_check.sh runs these); skipped with "
+                                       "the reason where torch sees none")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA GPU: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda or 'none'}); benchmarks/gpu_check.sh runs these on a GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -36,7 +36,9 @@ def test_model_flops_match_the_dit_paper():
 def test_peak_table_and_config_override():
     assert telemetry.gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
     assert telemetry.gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
-    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 156.0
+    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0  # fp32 matmuls on TF32 cores
+    assert telemetry.gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5  # train.tf32=false: plain fp32
+    assert telemetry.gpu_peak_tflops("Tesla V100-SXM2-32GB", "tf32") == 15.7  # no TF32 units: the fp32 peak
     assert telemetry.gpu_peak_tflops("Some New Accelerator", "bf16") is None
     assert telemetry.peak_tflops(123.0, torch.device("cpu"), "bf16") == (123.0, "config log.peak_tflops")
     measured, source = telemetry.peak_tflops(0, torch.device("cpu"), "fp32")
@@ -139,6 +141,7 @@ def test_stall_is_flagged_alerted_once_and_cleared(tmp_path, capsys):
     assert [a["title"] for a in alerts] == ["stall", "stall cleared"]
     assert run_status(run, now=1104.0, stall_minutes=1, query_slurm=False)["state"] == "running"
     dog.stop("finished")  # the final heartbeat says so; no stall alert at shutdown
+    lease.release()
     assert json.load(open(os.path.join(run, "heartbeat.json")))["state"] == "finished"
 
 

@@ -147,3 +147,22 @@ def test_module_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "chosen:" in proc.stdout
     assert (tmp_path / "overrides.txt").exists() and (tmp_path / "ds_config.json").exists()
+
+
+def test_dit_xl_2_recipe_takes_the_planners_micro_batch_and_checkpointing():
+    """configs/dit_xl_2.yaml: per stage, the micro-batch and checkpointing the planner picks for the recipe's
+    target (8 nodes × 8 × 80 GiB, ZeRO-2 data parallel as cluster/train_xl.slurm runs it, bf16)."""
+    from trainer.config.schema import load_config
+    from trainer.config.stages import resolve_stages
+
+    cfg = load_config(os.path.join(REPO, "configs", "dit_xl_2.yaml"))
+    chosen_ckpt = []
+    for stage in resolve_stages(cfg):
+        req = planner.Request(model=cfg.model.name, resolution=stage.resolution, gpus=64, gpu_mem=80,
+                              gpus_per_node=8, global_batch=stage.global_batch, precision=cfg.train.precision,
+                              zero=2, tensor=1, pipeline=1, offload=False)
+        best = planner.plan(req)["fitting"][0]
+        assert (best.zero, best.tensor, best.pipeline, best.data) == (2, 1, 1, 64)
+        assert stage.micro_batch == best.micro_batch, f"{stage.resolution} px: planner says micro {best.micro_batch}"
+        chosen_ckpt.append(best.grad_checkpoint)
+    assert cfg.model.grad_checkpoint == max(chosen_ckpt)  # one model-wide setting: on if any stage needs it

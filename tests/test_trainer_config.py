@@ -82,9 +82,17 @@ def test_ds_config_conflicts_are_errors():
         fill_ds_config({"train_batch_size": 32}, cfg, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=False)
     with pytest.raises(ConfigError, match="'optimizer' section"):
         fill_ds_config({"optimizer": {"type": "Adam"}}, cfg, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=False)
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        cfg16 = load_config("configs/tiny.yaml", ["train.precision=fp16"])
-        fill_ds_config({}, cfg16, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=False)
+    with pytest.raises(ConfigError, match="enables 'fp16'"):
+        fill_ds_config({"fp16": {"enabled": True}}, cfg, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=True)
+
+
+def test_fp16_is_autocast_over_fp32_weights_on_every_device():
+    """DeepSpeed's 'fp16' section casts the weights to half (the DiT's fp32 latents and timestep embedding then
+    meet half weights in F.linear); fp16 is torch autocast like bf16, the loss scale is the trainer's."""
+    cfg16 = load_config("configs/tiny.yaml", ["train.precision=fp16"])
+    for on_cuda in (False, True):
+        ds = fill_ds_config({}, cfg16, global_batch=8, micro_batch=4, data_parallel=2, on_cuda=on_cuda)
+        assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in ds
 
 
 def test_every_shipped_ds_config_is_valid_json():

@@ -13,7 +13,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.rundir import EXIT_CONFIG_ERROR  # noqa: E402  (torch-free)
+from trainer.rundir import EXIT_CONFIG_ERROR, EXIT_LAUNCH_ERROR  # noqa: E402  (torch-free)
 
 
 def parse_args(argv=None):
@@ -66,10 +66,18 @@ def main(argv=None) -> int:
         print(f"error: WORLD_SIZE={world} but no RANK: start {world} ranks with deepspeed --num_gpus, torchrun or "
               f"srun (WORLD_SIZE without a launcher is only for --validate_only)", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    from trainer.engine.device import DeviceMappingError, configure_matmul_precision
     from trainer.engine.distributed import init_distributed
     from trainer.loop.trainer import run_training
 
-    device = init_distributed(hang_seconds=cfg.run.hang_timeout_minutes * 60)
+    try:
+        device = init_distributed(hang_seconds=cfg.run.hang_timeout_minutes * 60)
+    except DeviceMappingError as exc:  # ranks cannot be mapped onto the GPUs: say why, on every rank
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_LAUNCH_ERROR
+    math = configure_matmul_precision(cfg.train.precision, cfg.train.tf32, device)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[trainer] device {device}, matmuls in {math}", flush=True)
     return run_training(cfg, ds, stages, shard_sets, topo, device, takeover=args.takeover)
 
 

@@ -1,9 +1,13 @@
 """Gaussian diffusion (DDPM/ADM as used by DiT): schedules, losses and samplers.
 
 Numerically the ADM/DiT implementation: schedules and all derived tables in float64 numpy, gathered per
-timestep and cast to float32 by `extract_into_tensor`; epsilon or x0 prediction; fixed or learned(-range)
-variance; the hybrid loss mse + vb with the vb term computed on a detached mean (only the variance
-output learns from it).
+timestep and cast to float32; epsilon or x0 prediction; fixed or learned(-range) variance; the hybrid loss
+mse + vb with the vb term computed on a detached mean (only the variance output learns from it).
+
+Each table is cast to float32 once and kept on the device of the timesteps that first asked for it
+(``GaussianDiffusion.table``), so a training step gathers from device memory instead of copying 14 float64
+tables host → device per ``training_losses`` (each a blocking copy on a GPU). Casting then gathering gives
+the same numbers as the reference's gather then cast, bit for bit.
 """
 from __future__ import annotations
 
@@ -70,11 +74,26 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
 
 
 def extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape: tuple[int, ...]) -> torch.Tensor:
-    """arr[timesteps] as float32 on timesteps' device, broadcast to broadcast_shape (batch dim first)."""
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    """arr[timesteps] as float32 on timesteps' device, broadcast to broadcast_shape (batch dim first).
+
+    The reference's helper, for one-off tables; ``GaussianDiffusion`` gathers from its cached device tables."""
+    return _broadcast(torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float(), broadcast_shape)
+
+
+def _broadcast(res: torch.Tensor, broadcast_shape: tuple[int, ...]) -> torch.Tensor:
+    """(N,) -> broadcast_shape (N, ...) as a view: the values of ``res + zeros(broadcast_shape)`` without the
+    allocation."""
     while res.ndim < len(broadcast_shape):
         res = res[..., None]
-    return res + torch.zeros(broadcast_shape, device=timesteps.device)
+    return res.expand(broadcast_shape)
+
+
+# Float64 tables a step may gather from; each is cast to float32 and moved to a device at most once.
+TABLES = ("betas", "log_betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next", "one_minus_alphas_cumprod",
+          "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+          "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+          "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "fixed_large_variance",
+          "fixed_large_log_variance")
 
 
 class GaussianDiffusion:
@@ -111,6 +130,30 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # tables the reference derived inside the step (q's variance, the learned range's upper end, fixed-large)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        if len(betas) > 1:
+            self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+            self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        else:
+            self.fixed_large_variance = self.fixed_large_log_variance = np.array([])
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self.table_builds = 0  # host -> device table copies so far (each table once per device)
+
+    def table(self, name: str, device) -> torch.Tensor:
+        """(num_timesteps,) float32 copy of table ``name`` on ``device``, made on first use and kept."""
+        key = (name, torch.device(device))
+        found = self._device_tables.get(key)
+        if found is None:
+            found = torch.from_numpy(np.ascontiguousarray(getattr(self, name))).to(torch.float32).to(key[1])
+            self._device_tables[key] = found
+            self.table_builds += 1
+        return found
+
+    def _extract(self, name: str, t: torch.Tensor, broadcast_shape: tuple[int, ...]) -> torch.Tensor:
+        """table ``name`` at timesteps ``t`` (N,), broadcast to ``broadcast_shape`` (N, ...), on t's device."""
+        return _broadcast(self.table(name, t.device)[t], broadcast_shape)
 
     # ------------------------------------------------------------------ timesteps
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
@@ -121,9 +164,9 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start, t):
-        mean = extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -132,15 +175,15 @@ class GaussianDiffusion:
             noise = torch.randn_like(x_start)
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x_start shape {tuple(x_start.shape)}")
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        posterior_mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                          + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        posterior_variance = extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        posterior_log_variance_clipped = extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        posterior_mean = (self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+                          + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t)
+        posterior_variance = self._extract("posterior_variance", t, x_t.shape)
+        posterior_log_variance_clipped = self._extract("posterior_log_variance_clipped", t, x_t.shape)
         return posterior_mean, posterior_variance, posterior_log_variance_clipped
 
     # ------------------------------------------------------------------ reverse process
@@ -163,21 +206,18 @@ class GaussianDiffusion:
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = model_var_values
             else:
-                min_log = extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = extract_into_tensor(np.log(self.betas), t, x.shape)
+                min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._extract("log_betas", t, x.shape)
                 frac = (model_var_values + 1) / 2  # model output in [-1, 1] -> [0, 1]
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
-            variance_table, log_variance_table = {
-                ModelVarType.FIXED_LARGE: (
-                    np.append(self.posterior_variance[1], self.betas[1:]),
-                    np.log(np.append(self.posterior_variance[1], self.betas[1:])),
-                ),
-                ModelVarType.FIXED_SMALL: (self.posterior_variance, self.posterior_log_variance_clipped),
+            variance_name, log_variance_name = {
+                ModelVarType.FIXED_LARGE: ("fixed_large_variance", "fixed_large_log_variance"),
+                ModelVarType.FIXED_SMALL: ("posterior_variance", "posterior_log_variance_clipped"),
             }[self.model_var_type]
-            model_variance = extract_into_tensor(variance_table, t, x.shape)
-            model_log_variance = extract_into_tensor(log_variance_table, t, x.shape)
+            model_variance = self._extract(variance_name, t, x.shape)
+            model_log_variance = self._extract(log_variance_name, t, x.shape)
 
         def process_xstart(value):
             if denoised_fn is not None:
@@ -195,12 +235,12 @@ class GaussianDiffusion:
                 "pred_xstart": pred_xstart, "extra": extra}
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                / extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Shift the mean by variance * grad log p(y | x) (Sohl-Dickstein et al. 2015)."""
@@ -209,7 +249,7 @@ class GaussianDiffusion:
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Score-conditioned eps for DDIM (Song et al. 2020): eps - sqrt(1 - abar) * grad."""
-        alpha_bar = extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, t, **(model_kwargs or {}))
         out = p_mean_var.copy()
@@ -256,7 +296,7 @@ class GaussianDiffusion:
         """Yield each step's {"sample", "pred_xstart"} from t = T-1 down to 0."""
         img, device = self._start(shape, noise, device)
         for i in self._indices(progress):
-            t = torch.tensor([i] * img.shape[0], device=device)
+            t = torch.full((img.shape[0],), i, device=device)  # filled on the device: no copy
             with torch.no_grad():
                 out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                     cond_fn=cond_fn, model_kwargs=model_kwargs)
@@ -270,8 +310,8 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # eps re-derived from the (clipped) x_0 so that the step is consistent with it
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         if noise is None:
             noise = torch.randn_like(x)
@@ -287,9 +327,9 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        eps = ((extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x.shape) * x - out["pred_xstart"])
-               / extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape))
-        alpha_bar_next = extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        eps = ((self._extract("sqrt_recip_alphas_cumprod", t, x.shape) * x - out["pred_xstart"])
+               / self._extract("sqrt_recipm1_alphas_cumprod", t, x.shape))
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -307,7 +347,7 @@ class GaussianDiffusion:
                                      model_kwargs=None, device=None, progress=False, eta=0.0) -> Iterator[dict]:
         img, device = self._start(shape, noise, device)
         for i in self._indices(progress):
-            t = torch.tensor([i] * img.shape[0], device=device)
+            t = torch.full((img.shape[0],), i, device=device)  # filled on the device: no copy
             with torch.no_grad():
                 out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                        cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)

@@ -42,13 +42,17 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
 class _WrappedModel:
     """Calls the model with the original timestep of each respaced index (the model knows T steps)."""
 
-    def __init__(self, model, timestep_map: list[int], original_num_steps: int):
+    def __init__(self, model, timestep_map: list[int], original_num_steps: int, maps: dict | None = None):
         self.model = model
         self.timestep_map = timestep_map
         self.original_num_steps = original_num_steps
+        self._maps = {} if maps is None else maps  # (device, dtype) -> the map as a tensor, shared per diffusion
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = torch.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        map_tensor = self._maps.get((ts.device, ts.dtype))
+        if map_tensor is None:  # one host -> device copy per device, not one per sampling step
+            map_tensor = self._maps[(ts.device, ts.dtype)] = torch.tensor(self.timestep_map, device=ts.device,
+                                                                            dtype=ts.dtype)
         return self.model(x, map_tensor[ts], **kwargs)
 
 
@@ -69,11 +73,12 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self._timestep_maps: dict = {}
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.original_num_steps)
+        return _WrappedModel(model, self.timestep_map, self.original_num_steps, self._timestep_maps)
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)

@@ -74,17 +74,44 @@ def fill_ds_config(ds: dict, cfg: RunConfig, *, global_batch: int, micro_batch: 
         if ds.get(section, {}).get("enabled"):
             raise ConfigError(f"DeepSpeed config enables '{section}'; set train.precision in the run config instead")
     precision = cfg.train.precision
-    if precision == "fp16" and not on_cuda:
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if precision == "bf16":
-        # fp32 master weights and fp32 loss, bf16 matmuls: DeepSpeed's torch-autocast mode.
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
+    if precision in ("bf16", "fp16"):
+        # fp32 weights, master and loss; bf16/fp16 matmuls: DeepSpeed's torch-autocast mode. (DeepSpeed's own
+        # "fp16" section would cast the weights to half while the latents and timestep embedding stay fp32,
+        # and the first F.linear fails on the dtype mismatch.) fp16 adds dynamic loss scaling, which the
+        # trainer installs on the ZeRO optimizer (trainer/engine/loss_scale.py).
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
+    if not on_cuda:
+        apply_cpu_choices(ds)
     ds.setdefault("steps_per_print", 10 ** 9)  # the trainer does its own logging
     ds.setdefault("wall_clock_breakdown", False)
+    # ... and its own throughput: DeepSpeed's throughput timer synchronises the device at the start and end of
+    # every micro-step (two full GPU drains per micro-step, measured by tests/test_host_syncs.py)
+    ds.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
     return ds
+
+
+# ZeRO settings that are right on GPUs (the shipped JSONs) but not on CPU ranks, with the CPU value and why.
+CPU_CHOICES = {
+    "overlap_comm": (False, "no second stream on CPU: overlap only doubles the reduce buckets"),
+    "pin_memory": (False, "page-locked host memory exists for GPU DMA; on CPU it only locks RAM"),
+}
+
+
+def apply_cpu_choices(ds: dict) -> list[str]:
+    """Turn the GPU-only ZeRO settings of a shipped JSON into their CPU values (in place); returns what changed.
+
+    The shipped JSONs (configs/zero*.json) and the planner (cluster/plan.py) hold the GPU settings; a run on CPU
+    ranks gets these instead, at fill time, so one JSON serves both."""
+    changed = []
+    z = ds.get("zero_optimization") or {}
+    if z.get("overlap_comm"):
+        z["overlap_comm"] = CPU_CHOICES["overlap_comm"][0]
+        changed.append("zero_optimization.overlap_comm")
+    for section in ("offload_optimizer", "offload_param"):
+        if (z.get(section) or {}).get("pin_memory"):
+            z[section]["pin_memory"] = CPU_CHOICES["pin_memory"][0]
+            changed.append(f"zero_optimization.{section}.pin_memory")
+    return changed
 
 
 def save_ds_config(ds: dict, path: str) -> None:

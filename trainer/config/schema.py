@@ -100,6 +100,7 @@ class TrainSection:
     eps: float = 1e-8
     compile: bool = False  # torch.compile each DiT block (trainer/engine/compile.py); ZeRO 0-2, no TP/PP/MoE
     fused_adamw: bool = True  # torch's one-pass AdamW kernel (CPU and CUDA); false: the multi-tensor one
+    tf32: bool = True  # fp32 matmuls/convolutions on TF32 tensor cores (CUDA, Ampere+), as the reference DiT
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_every: int = 1

@@ -8,6 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.engine.device import check_distinct_gpus, pick_device  # noqa: F401  (pick_device re-exported)
+
 
 def free_port() -> int:
     """A TCP port free on this host right now (for a local rendezvous: launchers, tests, benchmarks)."""
@@ -36,15 +38,6 @@ def prepare_env() -> bool:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-
-
-def pick_device() -> torch.device:
-    """CUDA when present (one GPU per local rank), else CPU; never assume one."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def set_cpu_threads() -> int:
@@ -92,7 +85,28 @@ def init_distributed(hang_seconds: float = 0.0) -> torch.device:
                                    timeout=timedelta(seconds=collective_timeout(backend, hang_seconds)))
         if device.type == "cpu":
             release_deepspeed_shm_names()
+    check_distinct_gpus(device)
+    host_group(timeout_seconds=collective_timeout("gloo", hang_seconds))
     return device
+
+
+_HOST_GROUP = None
+
+
+def host_group(timeout_seconds: float = DEFAULT_COLLECTIVE_TIMEOUT):
+    """A gloo group over every rank, for agreeing on host-side values (preemption, lease, stop flags).
+
+    An all-reduce of a CPU tensor over NCCL is impossible and over a CUDA tensor makes the host wait for
+    every queued kernel when it reads the result; over gloo the host only waits for its peers while the GPU
+    keeps running. Collective the first time (every rank calls ``init_distributed``); None without a group.
+    Its timeout is the hang timeout (``collective_timeout``), like the world group's: a rank stuck before a host
+    flag agreement must end as a hang, not wait 30 minutes."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None and dist.is_initialized() and dist.get_world_size() > 1:
+        # its own group even when the world is gloo already (CPU runs): host-side agreement then takes the same
+        # path on every kind of device, and tools can tell a host collective from a device one by its group
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+    return _HOST_GROUP
 
 
 def init_local_gloo_rank(rank: int, world: int, port: int) -> None:
@@ -155,10 +169,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_max_flags(flags: list, device: torch.device) -> list[bool]:
-    """Each flag True on every rank if any rank raised it (preemption, lease lost, stop request): one collective."""
+def all_reduce_max_flags(flags: list, device: torch.device | None = None) -> list[bool]:
+    """Each flag True on every rank if any rank raised it (preemption, lease lost, stop request): one collective
+    over the host (gloo) group, so checking every step never makes the host wait for the GPU. ``device`` is
+    unused (kept for callers written before the host group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [bool(f) for f in flags]
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in t.tolist()]
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)  # host memory on every kind of device
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return [v > 0 for v in t.tolist()]

@@ -56,6 +56,11 @@ class ParallelEngine:
                 "tensor_size": self.topo.tensor, "pipeline_size": self.topo.pipeline, "expert_size": self.topo.expert}
 
     @property
+    def loss_scaling(self):
+        """fp16 runs: the loss-scale driver (``stats()`` for metrics); None otherwise."""
+        return getattr(self.engine, "dit_loss_scaling", None)
+
+    @property
     def ema_writer_ranks(self) -> Optional[set]:
         return set(range(self.topo.world)) if self.model_parallel else None
 
@@ -86,7 +91,8 @@ def _identity_name_map(module) -> dict:
 
 
 def initialize_engine(**kwargs):
-    """``deepspeed.initialize``, then drop ZeRO's redundant fp32 master clone (trainer/engine/zero_master.py).
+    """``deepspeed.initialize``, then drop ZeRO's redundant fp32 master clone (trainer/engine/zero_master.py) and,
+    for fp16, put the loss scale where ZeRO's clipping and overflow skips see it (trainer/engine/loss_scale.py).
 
     Every engine of the trainer (and the benchmarks that measure it) is built here.
     """
@@ -94,11 +100,14 @@ def initialize_engine(**kwargs):
 
     from trainer.engine.zero_master import alias_fp32_master_partitions
 
+    from trainer.engine.loss_scale import install_fp16_loss_scaling
+
     engine, optimizer, loader, scheduler = deepspeed.initialize(**kwargs)
     freed = alias_fp32_master_partitions(optimizer)
     if freed and dist.get_rank() == 0:
         print(f"[trainer] ZeRO fp32 master partitions share the weights' memory: {freed / 2**20:.1f} MiB freed "
               "on rank 0", flush=True)
+    engine.dit_loss_scaling = install_fp16_loss_scaling(engine)  # fp16 only (trainer/engine/loss_scale.py)
     return engine, optimizer, loader, scheduler
 
 

@@ -21,15 +21,16 @@ class PipelineLoss:
         self.reset()
 
     def reset(self):
-        self.sums = torch.zeros(3, dtype=torch.float64)  # loss, mse, vb
+        self.sums = None  # (3,) float64 loss, mse, vb sums, on the loss's device (no host copy per micro-batch)
         self.count = 0
 
     def __call__(self, output, labels):
         x_start, noise, t = labels
         out = self.objective.training_losses(lambda *a, **k: output, x_start, t, noise=noise)
         loss = out["loss"].float().mean()
-        self.sums += torch.stack([loss.detach(), out["mse"].float().mean().detach(),
-                                  out["vb"].float().mean().detach()]).double().cpu()
+        parts = torch.stack([loss.detach(), out["mse"].float().mean().detach(),
+                             out["vb"].float().mean().detach()]).double()  # (3,)
+        self.sums = parts if self.sums is None else self.sums + parts
         self.count += 1
         return loss
 

@@ -2,7 +2,7 @@
 
 ZeRO-1/2 keep a "master" fp32 partition beside the (normally 16-bit) parameters: the optimizer updates the
 master and DeepSpeed copies it back into the parameter partition after every step. This trainer's bf16 is
-torch autocast over fp32 parameters (trainer/config/ds_json.py), so in fp32 and bf16 runs the master and the
+torch autocast over fp32 parameters (trainer/config/ds_json.py), so in fp32, bf16 and fp16 runs the master and the
 parameter partition have the same dtype and, after every step, the same values: the master is a second
 copy of 4 bytes × (parameters ÷ data-parallel ranks) per rank, and its copy-back one more pass per step.
 
@@ -10,8 +10,8 @@ copy of 4 bytes × (parameters ÷ data-parallel ranks) per rank, and its copy-ba
 so the optimizer updates the parameters in place, DeepSpeed's copy-back becomes a copy of a tensor onto
 itself (which torch skips), and the clone is freed. It applies only where that is exact: DeepSpeed's
 ZeRO-1/2 optimizer, no CPU offload (the master lives in host memory there), same dtype, device and shape.
-fp16 runs keep 16-bit parameters and are left alone, so loss-scale overflow skips behave as DeepSpeed
-intends.
+fp16 runs are autocast over fp32 parameters as well (trainer/engine/loss_scale.py): a loss-scale overflow skips
+the whole optimizer step, so the aliased master, like the weights, stays untouched.
 
 ZeRO-3 means to do this itself: ``_create_fp32_partitions`` reuses the parameter partition "when torch
 autocast is enabled", and its copy-back is written for that alias. Its test compares a ``torch.device`` with

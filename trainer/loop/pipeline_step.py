@@ -44,14 +44,13 @@ def train_batch(trainer, it, gas: int) -> dict:
         engine.train_batch(data_iter=micro_batches(trainer, it, gas))
     grid = engine.grid
     last = grid.stage_to_global(grid.pipe_parallel_size - 1)
-    if grid.is_last_stage:
-        values = (par.loss.sums / max(par.loss.count, 1)).float()
+    if grid.is_last_stage and par.loss.sums is not None:
+        values = (par.loss.sums / max(par.loss.count, 1)).float().to(trainer.device)  # (3,) loss, mse, vb
     else:
-        values = torch.zeros(3, dtype=torch.float32)
-    values = values.to(trainer.device)
+        values = torch.zeros(3, dtype=torch.float32, device=trainer.device)
     if grid.pipe_parallel_size > 1:
         dist.broadcast(values, src=last, group=grid.get_pipe_parallel_group())
-    loss, mse, vb = values.tolist()
+    loss, mse, vb = values.unbind()  # stay on the device: read on log steps only
     return {"loss": loss, "mse": mse, "vb": vb}
 
 

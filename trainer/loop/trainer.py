@@ -22,6 +22,7 @@ from trainer.config.shards import ShardSet
 from trainer.config.stages import Stage, stage_at
 from trainer.config.topology import Topology
 from trainer.engine.distributed import all_reduce_max_flags, barrier, shutdown
+from trainer.engine.device import to_device_async
 from trainer.engine.lr_schedule import StageLRScheduler
 from trainer.engine.objective import build_objective_from_config
 from trainer.engine.optimizer import optimizer_config, param_groups
@@ -218,10 +219,11 @@ class Trainer:
         return t, noise, drop
 
     def _micro_step(self, batch, micro: int) -> dict:
-        t, noise, drop = (v.to(self.device) for v in self.step_randomness(batch, micro))
+        # pinned + non_blocking on CUDA: the host never waits for the GPU here (trainer/engine/device.py)
+        t, noise, drop = (to_device_async(v, self.device) for v in self.step_randomness(batch, micro))
         x, y = batch
-        x = x.to(self.device, non_blocking=True)  # (N, C, H, W)
-        y = y.to(self.device, non_blocking=True)  # (N,)
+        x = to_device_async(x, self.device)  # (N, C, H, W)
+        y = to_device_async(y, self.device)  # (N,)
         timer = self.monitor.timer
         self.monitor.phase("forward", micro)
         out = self.objective.training_losses(self.engine, x, t, model_kwargs={"y": y, "force_drop_ids": drop},

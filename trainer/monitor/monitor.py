@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from trainer.engine.device import math_mode
 from trainer.monitor import telemetry
 from trainer.monitor.divergence import DivergenceDetector, sustain_records
 from trainer.monitor.faults import FAULT_LOSS_SCALE_ENV, ActivationFault, fault_nan_steps, fault_spec
@@ -37,14 +38,15 @@ class Monitor:
         cfg = trainer.cfg
         self.logging = trainer._is_logging_rank()
         self.device = trainer.device
-        self.timer = telemetry.PhaseTimer(trainer.device)
+        self.timer = telemetry.PhaseTimer(trainer.device, active=self._log_step_running)
         self.nan = NanGuard(cfg.train.max_nan_steps, trainer.device)
         self.fault_steps = fault_nan_steps()
         self.activation_fault = ActivationFault.from_env(trainer.engine.module, trainer.rank)
         self.loss_scale_fault = fault_spec(FAULT_LOSS_SCALE_ENV)
         self.scale_loss = False
         self.t_max = telemetry.timestep_range(trainer.objective)
-        self.qsums = torch.zeros(2 * telemetry.QUARTILES, dtype=torch.float64)
+        # loss sums by timestep quartile, kept on the device and read on log steps only
+        self.qsums = torch.zeros(2 * telemetry.QUARTILES, dtype=torch.float64, device=trainer.device)
         self.detector = DivergenceDetector(cfg.log.spike_factor, cfg.log.spike_budget, cfg.log.every,
                                            sustain_records(cfg.train.blowup_steps, cfg.log.every))
         self.verdict, self.logged = None, False
@@ -52,24 +54,26 @@ class Monitor:
         self.lr_position = None
         self.step_skipped, self.nonfinite_what = False, "gradients"
         self.skipped_since_log = 0
+        self._overflows_logged = 0  # fp16 overflow skips already reported
         self.sec_per_step = None  # smoothed, for the ETA
         self.peak, self.peak_source = float("nan"), "not measured"
+        self.math = trainer.cfg.train.precision
         self._flops = {}
         self.watchdog = None
 
     def start(self) -> "Monitor":
         cfg = self.tr.cfg
         if self.logging:
-            try:
-                self.peak, self.peak_source = telemetry.peak_tflops(cfg.log.peak_tflops, self.device,
-                                                                    cfg.train.precision)
+            try:  # the peak of the math in effect: TF32 only when torch's switch is on (train.tf32, CUDA)
+                self.math = math_mode(cfg.train.precision, self.device)
+                self.peak, self.peak_source = telemetry.peak_tflops(cfg.log.peak_tflops, self.device, self.math)
             except Exception as exc:  # noqa: BLE001
                 self.peak_source = f"unavailable ({exc})"
             print(f"[monitor] peak {self.peak:.3f} TFLOP/s per device ({self.peak_source})", flush=True)
             self.tr.metrics.event({"event": "started", "step": self.tr.state.step, "pid": os.getpid(),
                                    "host": socket.gethostname(),
                                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                                   "peak_tflops": self.peak, "peak_source": self.peak_source})
+                                   "peak_tflops": self.peak, "peak_source": self.peak_source, "math": self.math})
             # The heartbeat is always written (status and the lease rely on it); the stall alert is optional.
             stall = cfg.log.stall_minutes * 60
             interval = cfg.log.heartbeat_seconds if stall <= 0 else min(cfg.log.heartbeat_seconds, stall / 4)
@@ -77,6 +81,9 @@ class Monitor:
                                      on_lease_lost=self._lease_lost)
             self.watchdog.step = self.tr.state.step
             self.watchdog.start()
+        scaling = getattr(getattr(self.tr, "par", None), "loss_scaling", None)
+        if scaling is not None:  # resumed: overflow skips before the checkpoint were reported by the last run
+            self._overflows_logged = scaling.stats()["overflow_steps"]
         return self
 
     def _lease_lost(self) -> None:
@@ -117,6 +124,14 @@ class Monitor:
             per_sample_loss = per_sample_loss * self.loss_scale_fault.factor
         if not self.step_skipped:
             self.qsums += telemetry.timestep_bin_sums(t, per_sample_loss.float(), self.t_max)
+
+    def _log_step_running(self):
+        """The number of the step being run if the loop will log it (CUDA phase timing runs then), else None."""
+        tr = self.tr
+        step = tr.state.step + 1  # the loop counts a step when it ends
+        if step % tr.cfg.log.every == 0 or any(step == st.end_step for st in tr.stages):
+            return step
+        return None
 
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> None:
@@ -176,14 +191,13 @@ class Monitor:
         loader = getattr(tr, "loader", None)
         elastic = hasattr(loader, "samples_per_epoch")  # its counts describe the shard set: the same on every rank
         skipped_samples = 0.0 if elastic else float(getattr(loader, "skipped_samples", 0) or 0)
-        local = torch.cat([self.qsums, torch.tensor([skipped_samples], dtype=torch.float64)])
+        local = torch.cat([self.qsums, torch.tensor([skipped_samples], dtype=torch.float64, device=self.device)])
         world = dist.get_world_size() if dist.is_initialized() else 1
+        t0 = time.perf_counter()
         if world > 1:
-            t0 = time.perf_counter()
-            local = local.to(self.device)
             dist.all_reduce(local)
-            local = local.cpu()
-            self.timer.add("sync", time.perf_counter() - t0)
+        local = local.cpu()  # the one read of the quartile sums, on the log step
+        self.timer.add("sync", time.perf_counter() - t0)
         self.qsums.zero_()
         out = telemetry.quartile_means(local[:-1])
         out["data_skipped_samples"] = int(local[-1])  # summed over ranks (each data-parallel rank reads its own)
@@ -209,6 +223,7 @@ class Monitor:
         out["skipped"] = self.skipped_since_log
         out["skipped_steps"] = tr.state.nan_skipped
         self.skipped_since_log = 0
+        out.update(self.loss_scale_fields())
         self.sec_per_step = step_time if self.sec_per_step is None else 0.7 * self.sec_per_step + 0.3 * step_time
         total = tr.stages[-1].end_step
         out["total_steps"] = total
@@ -220,6 +235,17 @@ class Monitor:
             except Exception as exc:  # noqa: BLE001
                 print(f"[monitor] WARNING: MoE stats unavailable: {exc}", file=sys.stderr)
         return out
+
+    def loss_scale_fields(self) -> dict:
+        """fp16: the loss scale and the optimizer steps skipped on overflow (since the last record, in total)."""
+        scaling = getattr(getattr(self.tr, "par", None), "loss_scaling", None)
+        if scaling is None:
+            return {}
+        stats = scaling.stats()
+        since = stats["overflow_steps"] - self._overflows_logged
+        self._overflows_logged = stats["overflow_steps"]
+        return {"loss_scale": stats["loss_scale"], "overflow_skipped": since,
+                "overflow_skipped_steps": stats["overflow_steps"]}
 
     def after_log(self, record: dict) -> None:
         """Every rank: the record's losses are all-reduced, so every rank's detector sees the same numbers (the

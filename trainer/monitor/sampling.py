@@ -38,6 +38,6 @@ def sample_grid(model, objective, vae, path: str, *, classes: list[int], per_cla
     latents = sample_latents(model, objective, classes=classes, per_class=per_class, latent_shape=latent_shape,
                              cfg_scale=cfg_scale, steps=steps, method=method, seed=seed, device=device,
                              num_classes=num_classes)
-    images = vae.decode(latents.cpu())  # (n, 3, H·f, W·f) in [-1, 1]
-    save_image_grid(images, path, nrow=per_class)
+    images = vae.decode(latents)  # (n, 3, H·f, W·f) in [-1, 1], decoded on the VAE's device
+    save_image_grid(images.cpu(), path, nrow=per_class)
     return path

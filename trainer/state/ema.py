@@ -15,10 +15,14 @@ def _is_zero3_param(p: torch.nn.Parameter) -> bool:
 
 
 class EMA:
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, comm_device: torch.device | str = "cpu"):
+        """``comm_device``: where tensors must be for the engine's collectives (the rank's GPU under NCCL). Under
+        ZeRO-3 with parameter offload the shadow follows ``ds_tensor`` into host memory, and NCCL refuses host
+        tensors: the gather moves each shard to ``comm_device`` first."""
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1], got {decay}")
         self.decay = decay
+        self.comm_device = torch.device(comm_device)
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
         for name, p in module.named_parameters():
@@ -77,18 +81,21 @@ class EMA:
             s.copy_(src)
 
     @torch.no_grad()
-    def full_tensors(self) -> dict:
-        """name → full fp32 tensor on CPU. Collective under ZeRO-3: every rank must call it."""
+    def full_tensors(self, dst: int = 0) -> dict:
+        """name → full fp32 tensor on CPU, on rank ``dst`` only; the other ranks get {} (under ZeRO-3 they take
+        part in the gathers, one parameter at a time, and keep nothing). Collective under ZeRO-3."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
         out = {}
         for n, s, p in zip(self.names, self.shadow, self.params):
             if _is_zero3_param(p):
-                world = dist.get_world_size(group=p.ds_process_group) if hasattr(p, "ds_process_group") else dist.get_world_size()
                 group = getattr(p, "ds_process_group", None)
-                parts = [torch.empty_like(s) for _ in range(world)]
-                dist.all_gather(parts, s.contiguous(), group=group)
-                full = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
-                out[n] = full.cpu()
-            else:
+                world = dist.get_world_size(group=group)
+                shard = s.to(self.comm_device).contiguous()  # (ceil(numel / world),) on the collective's device
+                parts = [torch.empty_like(shard) for _ in range(world)]
+                dist.all_gather(parts, shard, group=group)
+                if rank == dst:
+                    out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+            elif rank == dst:
                 out[n] = s.detach().cpu().clone()
         return out
 

@@ -29,19 +29,17 @@ from trainer.rundir import evals_path
 
 
 def _dist_setup():
+    """(rank, world, device). The device is chosen (and set) before the process group starts, as NCCL binds
+    the current device at its first collective; the same mapping as training (trainer/engine/device.py)."""
     import torch.distributed as dist
 
+    from trainer.engine.device import pick_device
+
+    device = pick_device()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
@@ -79,8 +77,8 @@ def sample_batch(model, objective, vae, labels: torch.Tensor, noise: torch.Tenso
     else:
         kwargs, fn = {"y": y}, model.forward
     latents = objective.sample(fn, tuple(z.shape), noise=z, steps=steps, method=method, model_kwargs=kwargs)[:n]
-    images = vae.decode(latents.float().cpu())  # (N, 3, H, W) in [-1, 1]
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = vae.decode(latents.float())  # (N, 3, H, W) in [-1, 1], on the VAE's (the rank's) device
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def compute_metrics(images: np.ndarray, inception: str, ref: str | None, device="cpu") -> dict:
@@ -119,7 +117,6 @@ def main(argv=None) -> int:
 
     from trainer.state.checkpoint import read_trainer_state
     from trainer.config.schema import ConfigError
-    from trainer.loop.data import load_vae
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
     from trainer.engine.objective import build_objective_from_config
 
@@ -132,7 +129,9 @@ def main(argv=None) -> int:
     step = read_trainer_state(ck).step
     model, arch = load_ema_model(ck, input_size=shards.latent_shape[1], device=device)
     objective = build_objective_from_config(cfg, arch.learn_sigma)
-    vae = load_vae(shards)
+    from data_pipeline.vae import load_vae_from_manifest
+
+    vae = load_vae_from_manifest(shards.directory, device=device)  # decodes on this rank's device
     s = cfg.sample
     cfg_scale = s.cfg_scale if args.cfg_scale is None else args.cfg_scale
     steps, method = args.steps or s.steps, args.method or s.method

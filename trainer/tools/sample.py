@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from trainer.config.schema import ConfigError
-    from trainer.loop.data import load_vae
+    from data_pipeline.vae import load_vae_from_manifest
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
     from trainer.engine.objective import build_objective_from_config
     from trainer.monitor.sampling import sample_grid
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     classes = args.classes if args.classes is not None else (list(s.classes) or list(range(arch.num_classes)))
     out = args.out or os.path.join(run_dir, "samples", f"sample-{os.path.basename(ck)}.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    sample_grid(model, objective, load_vae(shards), out, classes=classes,
+    vae = load_vae_from_manifest(shards.directory, device=device)  # decodes where the samples are
+    sample_grid(model, objective, vae, out, classes=classes,
                 per_class=args.per_class or s.per_class, latent_shape=shards.latent_shape,
                 cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                 steps=args.steps or s.steps, method=args.method or s.method,
