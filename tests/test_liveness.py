@@ -188,7 +188,7 @@ def test_nccl_env_settings():
 # --------------------------------------------------------------------------- a real hang, two local ranks
 
 
-def test_stopped_rank_ends_the_run_with_exit_6_naming_it(demo_root, tmp_path):
+def test_stopped_rank_ends_the_run_with_exit_7_naming_it(demo_root, tmp_path):
     """Two plain processes (no launcher: nothing else tears anything down), rank 1 SIGSTOPped after its step-10
     checkpoint: rank 0 exits 7 within the hang timeout plus a few seconds, and the verdict names rank 1."""
     run_dir, hang = str(tmp_path / "run"), 15.0
