@@ -95,7 +95,8 @@ class MicroBatch:
 
     latents: torch.Tensor  # (mb, C, H, W) float32
     labels: torch.Tensor  # (mb,) int64
-    positions: torch.Tensor  # (mb,) int64 global sample positions (key per-sample randomness by these)
+    positions: np.ndarray  # (mb,) int64 global sample positions (key per-sample randomness by these); host data:
+    # never copied to a device, so reading them is no device sync
     keys: list[str]  # sample keys, same order
     batch_index: int  # global batch number counted from start_position (0 = the batch at start_position)
     micro: int  # micro-step within the global batch, 0 .. grad_accum_steps-1
@@ -106,8 +107,7 @@ class MicroBatch:
 
     def pin_memory(self) -> "MicroBatch":
         """Called by DataLoader(pin_memory=True) so the trainer's non_blocking copy really overlaps."""
-        return replace(self, latents=self.latents.pin_memory(), labels=self.labels.pin_memory(),
-                       positions=self.positions.pin_memory())
+        return replace(self, latents=self.latents.pin_memory(), labels=self.labels.pin_memory())
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class _Reader:
         ids = self.samples(positions)
         epoch = (self.plan.origin + batch * self.plan.global_batch) // self.table.num_samples
         return MicroBatch(latents=torch.from_numpy(self.latents(ids)), labels=torch.from_numpy(self.table.label[ids]),
-                          positions=torch.from_numpy(positions), keys=[k.decode() for k in self.table.key[ids]],
+                          positions=positions, keys=[k.decode() for k in self.table.key[ids]],
                           batch_index=batch, micro=micro, epoch=int(epoch))
 
     def close(self) -> None:

@@ -162,7 +162,7 @@ def test_micro_batch_contract_and_stats(id_shards):
     stream = ElasticStream(id_shards, global_batch=8, micro_batch=4, dp_rank=1, dp_size=2, seed=0)
     batch = next(iter(stream))
     assert batch.latents.shape == (4, *SHAPE) and batch.latents.dtype == torch.float32
-    assert batch.labels.dtype == torch.int64 and batch.positions.dtype == torch.int64
+    assert batch.labels.dtype == torch.int64 and batch.positions.dtype == np.int64
     assert batch.positions.tolist() == [4, 5, 6, 7]  # rank 1's half of global batch 0
     latents, labels = batch  # unpacks like a LatentLoader batch
     assert latents is batch.latents and labels is batch.labels

@@ -218,7 +218,7 @@ class Trainer:
         drop = (torch.rand(n, generator=g) < self.arch.class_dropout_prob).long()
         return t, noise, drop
 
-    def _micro_step(self, batch, micro: int) -> dict:
+    def _micro_step(self, batch, micro: int, last: bool) -> dict:
         # pinned + non_blocking on CUDA: the host never waits for the GPU here (trainer/engine/device.py)
         t, noise, drop = (to_device_async(v, self.device) for v in self.step_randomness(batch, micro))
         x, y = batch
@@ -233,14 +233,14 @@ class Trainer:
         total = loss
         if self.arch.moe is not None:
             total = total + self.model.moe_aux_loss()  # already weighted by model.moe.aux_loss_coef
-        if self.monitor.nonfinite(total):  # agreed across ranks; the whole step is skipped (trainer/monitor/nan_guard.py)
-            total = total * 0.0  # backward/step still run so DeepSpeed's counters stay consistent
+        self.monitor.note_loss(total)  # a device flag; agreed across ranks once, at the boundary (nan_guard.py)
         self.monitor.timesteps(t, out["loss"])
         self.monitor.phase("backward")
-        self.engine.backward(total)
+        self.engine.backward(total)  # backward/step run on a skipped step too: DeepSpeed's counters stay consistent
         timer.stop("bwd")
         self.monitor.phase("optimizer")
-        with optimizer_update_skipped(self.engine, self.monitor.step_skipped):
+        skip = self.monitor.decide_skip() if last else False  # collective: the whole step is skipped on every rank
+        with optimizer_update_skipped(self.engine, skip):
             self.engine.step()
         timer.stop("opt")
         return {"loss": loss.detach(), "mse": out["mse"].float().mean().detach(),
@@ -256,7 +256,7 @@ class Trainer:
 
             sums = {k: v * gas for k, v in train_batch(self, it, gas).items()}
         for micro in range(0 if self.par.pipeline else gas):
-            parts = self._micro_step(self.next_batch(it), micro)
+            parts = self._micro_step(self.next_batch(it), micro, last=micro == gas - 1)
             for k in sums:
                 sums[k] = sums[k] + parts[k]
         self.state.data_batches += gas

@@ -47,6 +47,8 @@ class Monitor:
         self.t_max = telemetry.timestep_range(trainer.objective)
         # loss sums by timestep quartile, kept on the device and read on log steps only
         self.qsums = torch.zeros(2 * telemetry.QUARTILES, dtype=torch.float64, device=trainer.device)
+        self.qpending = torch.zeros_like(self.qsums)  # this step's, until it is known to be applied
+        self.loss_flag = None  # device bool: a micro-step of this step had a NaN/Inf loss (decide_skip reads it)
         self.detector = DivergenceDetector(cfg.log.spike_factor, cfg.log.spike_budget, cfg.log.every,
                                            sustain_records(cfg.train.blowup_steps, cfg.log.every))
         self.verdict, self.logged = None, False
@@ -105,12 +107,19 @@ class Monitor:
             return loss + float("nan")
         return loss
 
-    def nonfinite(self, total: torch.Tensor) -> bool:
-        """Collective. True when this step has to be skipped (its loss is NaN/Inf on some rank)."""
-        t0 = time.perf_counter()
-        if self.nan.any_nonfinite(total):
-            self.step_skipped, self.nonfinite_what = True, "loss"
-        self.timer.add("sync", time.perf_counter() - t0)
+    def note_loss(self, total: torch.Tensor) -> None:
+        """Fold "this micro-step's loss is NaN/Inf" into the step's device flag: no host wait (decide_skip reads it)."""
+        bad = ~torch.isfinite(total.detach()).all()
+        self.loss_flag = bad if self.loss_flag is None else self.loss_flag | bad
+
+    def decide_skip(self) -> bool:
+        """Collective, at the optimizer boundary before ``engine.step``: True when the step has to be skipped (a loss
+        was NaN/Inf on some rank in some micro-step). The step's one host wait outside log steps."""
+        if self.loss_flag is not None:
+            t0 = time.perf_counter()
+            if self.nan.agree(self.loss_flag):
+                self.step_skipped, self.nonfinite_what = True, "loss"
+            self.timer.add("sync", time.perf_counter() - t0)
         return self.step_skipped
 
     def mark_nonfinite(self, what: str) -> None:
@@ -122,8 +131,7 @@ class Monitor:
             return
         if self.scale_loss:  # the loss-scale test hook scales what the quartiles see too (faults.py)
             per_sample_loss = per_sample_loss * self.loss_scale_fault.factor
-        if not self.step_skipped:
-            self.qsums += telemetry.timestep_bin_sums(t, per_sample_loss.float(), self.t_max)
+        self.qpending += telemetry.timestep_bin_sums(t, per_sample_loss.float(), self.t_max)  # counted if applied
 
     def _log_step_running(self):
         """The number of the step being run if the loop will log it (CUDA phase timing runs then), else None."""
@@ -136,6 +144,8 @@ class Monitor:
     # ------------------------------------------------------------------ steps
     def begin_step(self) -> None:
         self.step_skipped, self.nonfinite_what = False, "gradients"
+        self.loss_flag = None
+        self.qpending.zero_()
         state, tr = self.tr.state, self.tr
         self.lr_position = getattr(getattr(tr, "scheduler", None), "last_step", None)
         batch = tr.stages[min(state.stage, len(tr.stages) - 1)].global_batch
@@ -156,6 +166,8 @@ class Monitor:
         skipped = own or not step_applied(self.tr.engine)
         nonfinite = own or (skipped and not self.fp16)
         self.nan.update(nonfinite)
+        if not skipped:  # a skipped step's losses are not in the timestep quartiles
+            self.qsums += self.qpending
         if self.lr_position is not None:
             realign_lr(getattr(self.tr, "scheduler", None), self.lr_position + (0 if skipped else 1))
         if skipped:

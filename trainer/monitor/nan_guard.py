@@ -1,11 +1,12 @@
 """Skipping a non-finite step under DeepSpeed, identically on every rank, leaving no trace in the training state.
 
-1. each micro-step computes its loss before backward; ranks agree with one all-reduce (MAX of a
-   "non-finite" flag), so every rank decides the same thing for the same step;
-2. a flagged micro-step still calls ``engine.backward`` and ``engine.step`` (DeepSpeed's micro-step and
-   gradient-accumulation counters, ZeRO's bucket bookkeeping and hooks stay consistent), on ``loss * 0``. That
-   gives zero gradients only when the loss's graph is finite (an injected ``loss + nan``); a real overflow inside
-   the network gives NaN gradients (NaN x 0 is NaN) in DeepSpeed's buckets;
+1. each micro-step folds "its loss is NaN/Inf" into a flag on the device (no host wait); at the optimizer boundary,
+   before ``engine.step``, the ranks agree on it with one all-reduce (MAX) and one read, so every rank decides the
+   same thing for the same step and the trainer waits for the device once per step, not per micro-step;
+2. every micro-step still calls ``engine.backward`` and ``engine.step`` (DeepSpeed's micro-step and
+   gradient-accumulation counters, ZeRO's bucket bookkeeping and hooks stay consistent). A non-finite loss whose
+   graph is finite (an injected ``loss + nan``) gives finite gradients; a real overflow inside the network gives
+   NaN gradients in DeepSpeed's buckets. Neither reaches the weights (3.);
 3. at the step's boundary the *inner* torch optimizer's ``step`` is replaced by a no-op for that one
    call, so neither the weights nor the Adam moments nor its step count change whatever the gradients hold. With
    NaN/Inf gradients ZeRO-1/2/3 also take their own overflow path (the global gradient norm is invalid): no
@@ -38,14 +39,19 @@ class NanGuard:
     def any_nonfinite(self, value) -> bool:
         """Collective: True on every rank when ``value`` is NaN/Inf on any rank."""
         import torch
+
+        return self.agree(~torch.isfinite(value.detach()).all())
+
+    def agree(self, flag) -> bool:
+        """Collective: True on every rank when the device bool ``flag`` is True on any rank. One all-reduce on the
+        device and one read: the trainer's only host wait of a step outside log steps."""
+        import torch
         import torch.distributed as dist
 
-        bad = 0.0 if bool(torch.isfinite(value.detach()).all()) else 1.0
+        t = flag.detach().reshape(1).float()  # already on the device: no copy
         if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([bad], device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            bad = float(t.item())
-        return bad > 0
+        return bool(t.item() > 0)
 
     def update(self, skipped: bool) -> None:
         self.in_row = self.in_row + 1 if skipped else 0
