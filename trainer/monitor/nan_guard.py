@@ -45,7 +45,6 @@ class NanGuard:
     def agree(self, flag) -> bool:
         """Collective: True on every rank when the device bool ``flag`` is True on any rank. One all-reduce on the
         device and one read: the trainer's only host wait of a step outside log steps."""
-        import torch
         import torch.distributed as dist
 
         t = flag.detach().reshape(1).float()  # already on the device: no copy
