@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster import slurm_env
+from trainer.engine import launch_env
 from trainer.engine.launch_env import (expand_hostlist, first_host, parse_tasks_per_node, port_for_job,
-                               torch_env_from_slurm)
+                                       torch_env_from_slurm)
 
 
 @pytest.mark.parametrize("nodelist, expected", [
@@ -31,7 +31,7 @@ def test_expand_hostlist_rejects_malformed(bad):
 def test_first_host_without_scontrol(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert first_host("gpu[07-09],cpu1") == "gpu07"
-    assert slurm_env.hostnames("x[1-2]") == ["x1", "x2"]
+    assert launch_env.hostnames("x[1-2]") == ["x1", "x2"]
 
 
 @pytest.mark.parametrize("value, expected", [("8", [8]), ("2(x3),1", [2, 2, 2, 1]), ("4(x2)", [4, 4]), ("", [])])
@@ -86,6 +86,6 @@ def test_apply_slurm_env(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     import os
 
-    assert slurm_env.apply_slurm_env() is True
+    assert launch_env.apply_slurm_env() is True
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("1", "2", "127.0.0.1")
-    assert slurm_env.apply_slurm_env() is False  # already set
+    assert launch_env.apply_slurm_env() is False  # already set
