@@ -5,7 +5,7 @@ import pytest
 
 from trainer.engine import launch_env
 from trainer.engine.launch_env import (expand_hostlist, first_host, parse_tasks_per_node, port_for_job,
-                               torch_env_from_slurm)
+                                       torch_env_from_slurm)
 
 
 @pytest.mark.parametrize("nodelist, expected", [
