@@ -1,6 +1,7 @@
 """Held-out validation loss: fixed latents, fixed equidistant timesteps, fixed noise, raw and EMA weights.
 
-Every ``log.val_every`` steps (and at step 0 of a fresh run) each stage evaluates on the first ``log.val_samples``
+Every ``log.val_every`` steps (and at step 0 of a fresh run, or a resumed checkpoint on a validation step that the
+run directory has no record of) each stage evaluates on the first ``log.val_samples``
 samples of its validation shard set (``data.val_root``, or the set the training manifest records: data_pipeline/
 val_split.py), at ``log.val_timesteps`` = K timesteps spread evenly over the objective's range (diffusion: the
 integer t at the centre of each of K equal bins of [0, T); flow: t = (k + ½)/K), with noise drawn from a generator
@@ -92,6 +93,7 @@ class Validation:
             log.val_alert_evals
         self.data: dict = {}  # stage index -> (latents, labels, noise, indices) of this rank's slice
         self.rising, self.last_ema, self.alerted = 0, None, False
+        self.recorded: set = set()  # steps metrics.jsonl already holds a validation record for (rank 0)
         if self.every and trainer.rank == 0:
             self._restore_trend()
 
@@ -104,6 +106,7 @@ class Validation:
         for r in rundir.read_jsonl(rundir.metrics_path(self.tr.run_dir)):
             if rundir.is_val_record(r):
                 self._track(float(r["val/ema_loss"]), r["step"], alert=False)
+                self.recorded.add(int(r["step"]))
 
     def _track(self, ema_loss: float, step: int, alert: bool = True) -> None:
         if self.last_ema is not None and ema_loss > self.last_ema:
@@ -196,14 +199,22 @@ class Validation:
         record.update({"val/samples": self.samples, "val/timesteps": val_timesteps(tr.objective, self.k).tolist(),
                        "val/seconds": time.perf_counter() - t0, "time": time.time()})
         tr.metrics.log(record)
+        self.recorded.add(tr.state.step)
         if tr.rank == 0:
             self._track(record["val/ema_loss"], tr.state.step)
         return record
 
     def at_start(self, stage) -> None:
-        """A fresh run evaluates its initial weights (step 0); a resumed one already has that record."""
+        """At a stage entry on a validation step without a record (step 0 of a fresh run; a checkpoint resumed in a
+        run directory that has not evaluated it): evaluate the weights as loaded. Agreed by every rank."""
+        from trainer.engine.distributed import all_reduce_max_flags
+
         self.describe(stage)
-        if self.enabled and self.tr.state.step == 0:
+        step = self.tr.state.step
+        if not self.enabled or step % self.every:
+            return
+        (missing,) = all_reduce_max_flags([self.tr.rank == 0 and step not in self.recorded])
+        if missing:
             self.evaluate(stage)
 
     def after_step(self, stage) -> None:

@@ -28,8 +28,9 @@ rank 0: ``"steps=3;ranks=1 | steps=4;ranks=0;kind=grad_nan"``).
 the selected steps, every rank: a loss blow-up for the spike detector and the rollback it triggers.
 
 ``DIT_FAULT_PERTURB_WEIGHTS="from=40;scale=0.05"`` (optionally ``until=60``) adds Gaussian noise of ``scale`` × each
-parameter's standard deviation to the trained weights before every step from step ``from`` (1-based) on, the same
-noise on every rank (seeded by step and parameter): weights corrupted mid-run, for the rising-validation alert.
+parameter's standard deviation (taken at the first perturbed step, so the damage is a random walk, not a blow-up) to
+the trained weights before every step from step ``from`` (1-based) on, the same noise on every rank (seeded by step
+and parameter): weights corrupted mid-run, for the rising-validation alert.
 """
 from __future__ import annotations
 
@@ -222,8 +223,9 @@ def perturb_weights(tensors, step: int, spec: Optional[dict]) -> bool:
     import torch
 
     with torch.no_grad():
+        stds = spec.setdefault("stds", [float(t.float().std()) if t.numel() > 1 else 0.0 for t in tensors])
         for i, t in enumerate(tensors):
             g = torch.Generator(device="cpu").manual_seed(1_000_003 * step + i)
             noise = torch.randn(tuple(t.shape), generator=g).to(device=t.device, dtype=t.dtype)
-            t.add_(noise * spec["scale"] * t.float().std().clamp_min(1e-8).to(t.dtype))
+            t.add_(noise * spec["scale"] * max(stds[i], 1e-4))
     return True
