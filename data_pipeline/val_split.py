@@ -52,19 +52,24 @@ def split_indices(labels: Sequence[int], fraction: float, seed: int = 0) -> tupl
 
 
 def list_indices(source: ImageSource, list_path: str) -> tuple[list[int], list[int]]:
-    """(train, validation) indices: images named in ``list_path`` (one path per line; absolute, or relative to the
-    list's folder, or matching an item's path exactly) are held out. Names that match no image are an error."""
+    """(train, validation) indices: images named in ``list_path`` (one a line: an absolute path, a path relative to
+    the list's folder, or the tail of an image's path such as ``<class>/<file>``) are held out. A name that matches
+    no image is an error."""
     base = os.path.dirname(os.path.abspath(list_path))
     with open(list_path) as f:
         names = [line.split("\t")[0].strip() for line in f if line.strip() and not line.startswith("#")]
-    wanted = {os.path.normpath(n if os.path.isabs(n) else os.path.join(base, n)) for n in names} | set(names)
-    val = [i for i, item in enumerate(source.items) if item.path in wanted or os.path.normpath(item.path) in wanted]
-    found = {source.items[i].path for i in val} | {os.path.normpath(source.items[i].path) for i in val}
-    unknown = [n for n in names if n not in found and os.path.normpath(os.path.join(base, n)) not in found]
+    paths = [os.path.normpath(os.path.abspath(item.path)) for item in source.items]
+    val, unknown = set(), []
+    for n in names:
+        full = os.path.normpath(n if os.path.isabs(n) else os.path.join(base, n))
+        tail = os.sep + os.path.normpath(n).lstrip(os.sep)
+        hits = [i for i, p in enumerate(paths) if p == full or p.endswith(tail)]
+        val.update(hits)
+        if not hits:
+            unknown.append(n)
     if unknown:
         raise ValueError(f"{list_path}: {len(unknown)} validation image(s) are not in the source, e.g. {unknown[:3]}")
-    held = set(val)
-    return [i for i in range(len(source)) if i not in held], val
+    return [i for i in range(len(source)) if i not in val], sorted(val)
 
 
 def split_source(source: ImageSource, *, fraction: float | None = None, val_list: str | None = None,

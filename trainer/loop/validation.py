@@ -59,17 +59,23 @@ def validation_cost(arch, latent_size: int, samples: int, timesteps: int) -> dic
 
 
 @contextmanager
-def ema_weights(ema):
+def ema_weights(ema, zero3_optimizer=None, module=None):
     """The EMA shadow in the parameters for the duration (local tensors: full, tensor-parallel slice or ZeRO-3
-    partition); the trained weights put back exactly afterwards."""
+    partition); the trained weights put back exactly afterwards. Under ZeRO-3 (``zero3_optimizer``) every parameter is
+    released first and the persistent ones (small tensors DeepSpeed keeps gathered) gathered again from the new
+    partitions, as DeepSpeed's own optimizer step does; otherwise they would keep the trained values."""
     params = ema.params
-    persistent = [p for p in params if getattr(p, "ds_persist", False)]  # ZeRO-3 keeps these gathered: re-gather
+    persistent = [p for p in (module.parameters() if module is not None else params) if getattr(p, "ds_persist", False)]
 
     def regather():
-        if persistent:
-            persistent[0].all_gather(persistent)
+        if zero3_optimizer is not None:
+            zero3_optimizer._partition_all_parameters()
+            if persistent:
+                persistent[0].all_gather(persistent)
 
     with torch.no_grad():
+        if zero3_optimizer is not None:
+            zero3_optimizer._partition_all_parameters()
         saved = [ema._local(p).detach().clone() for p in params]
         for s, p in zip(ema.shadow, params):
             ema._local(p).copy_(s)
@@ -188,7 +194,8 @@ class Validation:
         tr.engine.module.eval()
         try:
             raw = self._reduce(self._losses(stage))
-            with ema_weights(tr.ema):
+            z3 = tr.engine.optimizer if tr.engine.zero_optimization_stage() == 3 else None
+            with ema_weights(tr.ema, z3, tr.engine.module):
                 ema = self._reduce(self._losses(stage))
         finally:
             tr.engine.module.train(was_training)
