@@ -184,7 +184,8 @@ def test_config_refuses_a_validation_set_that_is_not_held_out(demo_root, tmp_pat
 
     def check(*over, world=1):
         cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
-                          [f"data.root={demo_root}", f"run.dir={tmp_path / 'run'}", "log.val_every=10", *over])
+                          [f"data.root={demo_root}", f"run.dir={tmp_path / 'run'}", "log.val_every=10", "log.val_samples=64",
+                           *over])
         return validate_run(cfg, load_ds_config("zero1"), world)
 
     check()  # the recorded held-out set

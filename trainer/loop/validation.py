@@ -58,6 +58,15 @@ def validation_cost(arch, latent_size: int, samples: int, timesteps: int) -> dic
     return {"forward_flops": f, "eval_flops": total, "train_sample_equivalents": total / (3 * f)}
 
 
+def xl_validation_cost(samples: int, timesteps: int) -> str:
+    """The cost of ``samples`` × ``timesteps`` validation (raw + EMA) for DiT-XL/2 at 256 px (latent 32), in words."""
+    from models.args import DiTArgs
+
+    c = validation_cost(DiTArgs.from_preset("DiT-XL/2", input_size=32, num_classes=1000), 32, samples, timesteps)
+    return (f"{c['eval_flops'] / 1e15:.2f} PFLOP per evaluation = {c['train_sample_equivalents']:.0f} training "
+            f"samples' worth ({c['train_sample_equivalents'] / 256:.1f} steps of global batch 256)")
+
+
 @contextmanager
 def ema_weights(ema, zero3_optimizer=None, module=None):
     """The EMA shadow in the parameters for the duration (local tensors: full, tensor-parallel slice or ZeRO-3
@@ -134,6 +143,7 @@ class Validation:
         print(f"[trainer] validation every {self.every} steps: {self.samples} samples × {self.k} timesteps × "
               f"(raw + EMA) = {c['eval_flops'] / 1e12:.3f} TFLOP per evaluation at {stage.resolution} px "
               f"(≈ {c['train_sample_equivalents']:.0f} training samples' worth)", flush=True)
+        print(f"[trainer] the same validation of DiT-XL/2 at 256 px: {xl_validation_cost(self.samples, self.k)}", flush=True)
 
     def _load(self, stage):
         if stage.index in self.data:
