@@ -294,3 +294,82 @@ def test_validation_cost_at_dit_xl2_256px_from_the_flop_model():
           f"= {c['train_sample_equivalents']:.0f} training samples")
     assert c["forward_flops"] == pytest.approx(2 * 118.6e9, rel=0.02)  # the DiT paper's 118.6 GMACs
     assert c["train_sample_equivalents"] == pytest.approx(2 * 1024 * 8 / 3)
+
+
+# --------------------------------------------------------------------------- both objectives, in one process
+class _Engine:
+    """The pieces of a DeepSpeed engine the validation uses, over a plain DiT (ZeRO-0, one process)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def zero_optimization_stage(self):
+        return 0
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_validation_of_both_objectives_is_fixed_and_puts_the_weights_back(demo_root, tmp_path, kind):
+    import types
+
+    import torch
+
+    from trainer.config.model import architecture
+    from trainer.config.schema import load_config
+    from trainer.config.shards import open_shard_set
+    from trainer.config.stages import resolve_stages
+    from trainer.config.topology import Topology
+    from trainer.engine.objective import build_objective_from_config
+    from trainer.loop.validation import Validation, val_timesteps
+    from trainer.monitor.metrics import Metrics
+    from trainer.state.checkpoint import TrainerState
+    from trainer.state.ema import EMA
+
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
+                      [f"data.root={demo_root}", f"run.dir={tmp_path}", "log.val_every=1", "log.val_samples=24",
+                       f"objective.kind={kind}", "sample.method=" + ("euler" if kind == "flow" else "ddim")])
+    shards = open_shard_set(demo_root, 64)
+    arch = architecture(cfg, in_channels=4, input_size=8, num_classes=shards.num_classes)
+    torch.manual_seed(0)
+    model = arch.build()
+    with torch.no_grad():  # non-trivial weights (DiT zero-initialises its output layers)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ema = EMA(model, 0.99)
+    with torch.no_grad():
+        for s in ema.shadow:
+            s.add_(torch.randn_like(s) * 0.02)  # the EMA differs from the weights
+    logged = []
+    sink = types.SimpleNamespace(log=logged.append, event=lambda r: None, log_image=lambda *a: None,
+                                 alert=lambda *a: None, close=lambda: None)
+    tr = types.SimpleNamespace(cfg=cfg, rank=0, run_dir=str(tmp_path), engine=_Engine(model), ema=ema,
+                               objective=build_objective_from_config(cfg, arch.learn_sigma), device=torch.device("cpu"),
+                               topo=Topology(1), dp_rank=0, shard_sets=[shards], arch=arch, state=TrainerState(),
+                               metrics=Metrics([sink]), beacon=None)
+    stage = resolve_stages(cfg)[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    v = Validation(tr)
+    first, second = v.evaluate(stage), v.evaluate(stage)
+    assert _max_diff(first, second) == 0.0  # fixed samples, timesteps and noise: identical at every evaluation
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # trained weights put back exactly
+    assert abs(first["val/loss"] - first["val/ema_loss"]) > 1e-4
+    ts = val_timesteps(tr.objective, 8).tolist()
+    if kind == "flow":
+        assert ts == pytest.approx([(k + 0.5) / 8 for k in range(8)])
+    else:
+        assert ts == [62, 187, 312, 437, 562, 687, 812, 937]
+    # the raw number is the objective's per-sample MSE at those timesteps, by hand
+    from data_pipeline.val_split import read_samples
+    from trainer.loop.validation import val_noise
+
+    _, x, y = read_samples(os.path.join(demo_root, "val", "64"), 24)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    noise = torch.stack([val_noise(cfg.run.seed, i, 8, x.shape[1:]) for i in range(24)])
+    k = 3
+    t = torch.tensor(ts)[k].repeat(24)
+    with torch.no_grad():
+        out = tr.objective.training_losses(model.eval(), x, t, noise=noise[:, k],
+                                           model_kwargs={"y": y, "force_drop_ids": torch.zeros(24, dtype=torch.long)})
+    assert first["val/loss_t3"] == pytest.approx(float(out["mse"].double().mean()), rel=1e-6)
