@@ -147,10 +147,12 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
                     ("rss_gb", "host RSS", False)]),
         ], records, f"{name}: memory"),
         "validation": _plot(os.path.join(out_dir, "validation.png"), [
-            ("held-out loss", [("val/loss", "raw weights", False), ("val/ema_loss", "EMA weights", False)]),
+            ("loss", [("loss", "training loss (batch, random t)", True), ("val/loss", "held-out, raw weights", False),
+                      ("val/ema_loss", "held-out, EMA weights", False)]),
             ("raw, by timestep", [(k, f"t={t}", False) for k, t in _buckets(vals)]),
             ("EMA, by timestep", [(k.replace("val/loss_t", "val/ema_loss_t"), f"t={t}", False) for k, t in _buckets(vals)]),
-        ], vals, f"{name}: validation loss (fixed held-out latents, timesteps and noise)") if vals else None,
+        ], sorted(vals + records, key=lambda r: r["step"]),
+            f"{name}: validation loss (fixed held-out latents, timesteps and noise)") if vals else None,
         "fid": _plot(os.path.join(out_dir, "fid.png"), [("FID", [("fid", "FID", False)])],
                      [e for e in evals if "step" in e], f"{name}: FID") if evals else None,
     }
