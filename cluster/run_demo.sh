@@ -11,7 +11,8 @@ NPROC=${NPROC:-2}
 DS_CONFIG=${DS_CONFIG:-zero2.json}
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-offline}
 
-if [ ! -f "$DEMO_DATA/128/manifest.json" ] || [ ! -f "$DEMO_DATA/64/manifest.json" ]; then
+if [ ! -f "$DEMO_DATA/128/manifest.json" ] || [ ! -f "$DEMO_DATA/64/manifest.json" ] \
+   || [ ! -f "$DEMO_DATA/val/128/manifest.json" ]; then  # an older build without the validation set: adds it
   python -m data_pipeline.demo_data --out "$DEMO_DATA" --resolutions 64 128
 fi
 # shellcheck disable=SC2086

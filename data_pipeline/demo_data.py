@@ -9,6 +9,7 @@ same EncodeJob the encode tool uses.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -106,20 +107,40 @@ def export_demo_photos(out_dir: str) -> str:
 
 
 def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_per_class: int = 200, seed: int = 0,
-                    samples_per_shard: int = 400, fit_images: int = 400, progress: bool = False) -> dict[int, dict]:
+                    samples_per_shard: int = 400, fit_images: int = 400, progress: bool = False,
+                    val_fraction: float | None = 0.1) -> dict[int, dict]:
     """Write OUT/<res>/{manifest.json, classes.json, pca_autoencoder.npz, latents-*.tar}; return manifests.
 
-    A rerun into the same folder reuses the fitted PCA and skips finished shards.
+    ``val_fraction`` (default 0.1; None or 0: none): ``round(val_fraction × samples_per_class)`` further crops per
+    class, drawn after the training crops from the same seeded streams, are written as the validation shard set
+    OUT/val/<res>/ (data_pipeline/val_split.py) and recorded in the training manifests. The training crops are the
+    same with or without a validation set, and the PCA is fitted on them only. A rerun into the same folder reuses
+    the fitted PCA and skips finished shards.
     """
+    from .val_split import VAL_KEY_PREFIX, SubsetSource, link_validation, val_root
+
     resolutions = sorted(int(r) for r in resolutions)
     source = DemoPhotoSource(resolutions, samples_per_class, seed)
     os.makedirs(out, exist_ok=True)
     pca_path = os.path.join(out, PCA_FILE_NAME)
     if not os.path.exists(pca_path):
         fit_pca(source, resolutions, max_images=fit_images, seed=seed).save(pca_path)
-    job = EncodeJob(source, out, resolutions, PCAVAE.from_file(pca_path), samples_per_shard=samples_per_shard,
-                    batch_size=256, vae_file=pca_path, progress=progress)
-    return job.run()
+
+    def job(src, root, prefix=""):
+        return EncodeJob(src, root, resolutions, PCAVAE.from_file(pca_path), samples_per_shard=samples_per_shard,
+                         batch_size=256, vae_file=pca_path, progress=progress, key_prefix=prefix).run()
+
+    manifests = job(source, out)
+    per_class = int(round((val_fraction or 0.0) * samples_per_class))
+    if per_class > 0:
+        every = DemoPhotoSource(resolutions, samples_per_class + per_class, seed)  # crop j depends on (seed, c, j) only
+        total = samples_per_class + per_class
+        held = [c * total + j for c in range(len(every.class_names)) for j in range(samples_per_class, total)]
+        split = {"extra_crops_per_class": per_class, "seed": seed}
+        job(SubsetSource(every, held, "validation", split), val_root(out), VAL_KEY_PREFIX)
+        link_validation(out, resolutions)
+        manifests = {r: json.load(open(os.path.join(out, str(r), "manifest.json"))) for r in resolutions}
+    return manifests
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,17 +150,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples-per-class", type=int, default=200)
     parser.add_argument("--samples-per-shard", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="validation crops per class as a fraction of --samples-per-class, written to OUT/val/<res>/ "
+                             "(0: none)")
     parser.add_argument("--export-photos", metavar="DIR", help="also copy the photos to DIR/<class>/ for the encode tool")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     manifests = build_demo_data(args.out, args.resolutions, args.samples_per_class, args.seed,
-                                samples_per_shard=args.samples_per_shard, progress=not args.no_progress)
+                                samples_per_shard=args.samples_per_shard, progress=not args.no_progress,
+                                val_fraction=args.val_fraction or None)
     for resolution, manifest in manifests.items():
         print(f"{os.path.join(args.out, str(resolution))}: {manifest['num_samples']} samples, "
               f"{manifest['num_classes']} classes, latent {manifest['latent_shape']} {manifest['latent_dtype']}, "
-              f"{len(manifest['shards'])} shard(s)")
+              f"{len(manifest['shards'])} shard(s)"
+              + (f"; validation {manifest['validation']['num_samples']} samples in "
+                 f"{os.path.join(args.out, str(resolution), manifest['validation']['dir'])}" if "validation" in manifest else ""))
     if args.export_photos:
         print(f"photos exported to {export_demo_photos(args.export_photos)}")
     print(f"done in {time.perf_counter() - started:.1f}s")

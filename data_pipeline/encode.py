@@ -108,7 +108,7 @@ class EncodeJob:
     def __init__(self, source: ImageSource, out_root: str, resolutions: Sequence[int], vae, *,
                  samples_per_shard: int = 1000, batch_size: int = 32, hflip: bool = False, num_parts: int = 1,
                  part: int = 0, latent_dtype: str = "float16", vae_file: str | None = None, progress: bool = True,
-                 shuffle_seed: int | None = 0, loader_threads: int = 4):
+                 shuffle_seed: int | None = 0, loader_threads: int = 4, key_prefix: str = ""):
         if samples_per_shard < 1 or batch_size < 1:
             raise ValueError("samples_per_shard and batch_size must be >= 1")
         for resolution in resolutions:
@@ -128,6 +128,7 @@ class EncodeJob:
         self.progress = progress
         self.shuffle_seed = shuffle_seed
         self.loader_threads = max(1, loader_threads)
+        self.key_prefix = key_prefix  # "val-" for a validation shard set (data_pipeline/val_split.py)
         items = plan_items(len(source), hflip, shuffle_seed)
         self.first_item, stop = part_range(len(items), num_parts, part)
         self.items = items[self.first_item : stop]
@@ -141,6 +142,7 @@ class EncodeJob:
             "num_parts": self.num_parts, "part": self.part, "latent_dtype": str(self.latent_dtype),
             "shuffle_seed": self.shuffle_seed,
             "source": self.source.description, "num_images": len(self.source),
+            **({"key_prefix": self.key_prefix} if self.key_prefix else {}),
         }
 
     def _guard_rerun(self, resolution: int) -> None:
@@ -191,7 +193,7 @@ class EncodeJob:
                 kept = [(offset, image, flip) for offset, (image, flip) in enumerate(batch, begin) if crops[image] is not None]
                 if not kept:
                     continue
-                keys = [f"{self.first_item + index * self.samples_per_shard + offset:010d}" for offset, _, _ in kept]
+                keys = [f"{self.key_prefix}{self.first_item + index * self.samples_per_shard + offset:010d}" for offset, _, _ in kept]
                 labels = [self.source.label(image) for _, image, _ in kept]
                 for resolution, writer in writers.items():
                     arrays = [np.ascontiguousarray(crops[image][resolution][:, ::-1]) if flip else crops[image][resolution]
@@ -325,6 +327,10 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     encode.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast on GPU (auto: bf16 where supported); CPU runs fp32 unless told otherwise")
     encode.add_argument("--no-progress", action="store_true")
+    held = encode.add_mutually_exclusive_group()
+    held.add_argument("--val-fraction", type=float, default=None,
+                      help="hold out this fraction of each class's images as a validation shard set in OUT/val/<res>/")
+    held.add_argument("--val-list", default=None, help="file of image paths (one a line) to hold out for validation")
 
     fit = argparse.ArgumentParser(prog="dit-encode fit-pca", description="fit the offline PCA autoencoder once")
     _add_source_args(fit)
@@ -343,13 +349,28 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 def run_encode(args) -> dict[int, dict]:
     source = build_source(args)
     os.makedirs(args.out, exist_ok=True)
-    vae, vae_file = build_vae(args, source, args.num_shards_total)
-    job = EncodeJob(source, args.out, args.resolutions, vae, samples_per_shard=args.samples_per_shard,
-                    batch_size=args.batch_size, hflip=args.hflip, num_parts=args.num_shards_total,
-                    part=args.shard_index, latent_dtype=args.latent_dtype, vae_file=vae_file,
-                    progress=not args.no_progress, shuffle_seed=None if args.no_shuffle else args.seed,
-                    loader_threads=args.loader_threads)
-    return job.run()
+    fraction, val_list = getattr(args, "val_fraction", None), getattr(args, "val_list", None)
+    val_source = None
+    if fraction is not None or val_list is not None:
+        from .val_split import split_source
+
+        source, val_source = split_source(source, fraction=fraction, val_list=val_list, seed=args.seed)
+    vae, vae_file = build_vae(args, source, args.num_shards_total)  # PCA fitted on training images only
+
+    def job(src, out, prefix=""):
+        return EncodeJob(src, out, args.resolutions, vae, samples_per_shard=args.samples_per_shard,
+                         batch_size=args.batch_size, hflip=args.hflip, num_parts=args.num_shards_total,
+                         part=args.shard_index, latent_dtype=args.latent_dtype, vae_file=vae_file,
+                         progress=not args.no_progress, shuffle_seed=None if args.no_shuffle else args.seed,
+                         loader_threads=args.loader_threads, key_prefix=prefix).run()
+
+    manifests = job(source, args.out)
+    if val_source is not None:
+        from .val_split import VAL_KEY_PREFIX, link_validation, val_root
+
+        job(val_source, val_root(args.out), VAL_KEY_PREFIX)
+        link_validation(args.out, args.resolutions)
+    return manifests
 
 
 def run_merge(args) -> list[str]:
@@ -361,6 +382,12 @@ def run_merge(args) -> list[str]:
     for directory in directories:
         merged = merge_part_manifests(directory, args.num_parts)
         print(f"{os.path.join(directory, MANIFEST_NAME)}: {merged['num_samples']} samples in {len(merged['shards'])} shards")
+    from .val_split import link_validation, val_root
+
+    if os.path.isdir(val_root(args.out)):  # a validation split encoded in parts: merge it and link it too
+        for r in sorted(int(d) for d in os.listdir(val_root(args.out)) if d.isdigit()):
+            merge_part_manifests(os.path.join(val_root(args.out), str(r)), args.num_parts)
+        link_validation(args.out, [int(os.path.basename(d)) for d in directories if os.path.basename(d).isdigit()])
     return directories
 
 

@@ -161,6 +161,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     return read_jsonl(metrics_path(run_dir))
 
 
+VAL_PREFIX = "val/"  # metrics.jsonl: a validation record (trainer/loop/validation.py) holds val/loss, val/ema_loss, ...
+
+
+def is_val_record(record: dict) -> bool:
+    """A validation record of metrics.jsonl (step, stage, resolution, val/*), not a training-step record."""
+    return "val/loss" in record
+
+
 def truncate_after_step(file: str, step: int) -> int:
     """Cut a step-ordered JSON-lines file (metrics.jsonl) after the last record with ``step`` <= ``step``.
 

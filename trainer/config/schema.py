@@ -82,6 +82,7 @@ class DataSection:
     shuffle_buffer: int = 1000  # resampled stream only
     shuffle_block: int = 262144  # elastic stream: samples per shuffle block (0 = shuffle whole epochs)
     resampled: bool = False  # False: the elastic, layout-independent epoch stream; True: the order-free resampled one
+    val_root: str = ""  # validation shard sets (one per resolution); "" = the set the training manifest records
 
 
 @dataclass
@@ -129,6 +130,10 @@ class LogSection:
     heartbeat_seconds: float = 30.0  # how often the logging rank rewrites run.dir/heartbeat.json
     spike_factor: float = 3.0  # timestep-matched loss above factor x its baseline -> spike (0 = off): monitor/divergence.py
     spike_budget: float = 1e-4  # false alarms per logged record the spike threshold is set to allow
+    val_every: int = 0  # steps between validation-loss evaluations (0 = off): trainer/loop/validation.py
+    val_samples: int = 256  # held-out latents evaluated (the first N of the validation shard set)
+    val_timesteps: int = 8  # K fixed equidistant timesteps
+    val_alert_evals: int = 3  # alert when the EMA validation loss rises this many evaluations in a row (0 = off)
 
 
 @dataclass

@@ -13,11 +13,11 @@ from trainer.config.topology import Topology
 
 POSITIVE = ("train.max_steps", "train.global_batch", "train.micro_batch", "log.every", "checkpoint.every",
             "checkpoint.keep_last", "sample.per_class", "sample.steps", "train.ema_every", "run.lease_timeout_minutes",
-            "log.heartbeat_seconds")
+            "log.heartbeat_seconds", "log.val_samples", "log.val_timesteps")
 NON_NEGATIVE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes", "log.stall_minutes",
                 "train.max_nan_steps", "train.max_rollbacks", "train.blowup_steps", "log.spike_factor",
-                "run.hang_timeout_minutes")
+                "run.hang_timeout_minutes", "log.val_every", "log.val_alert_evals")
 
 
 def validate_values(cfg: RunConfig) -> None:
@@ -118,4 +118,18 @@ def validate_run(cfg: RunConfig, ds: dict, world_size: int) -> tuple[list[Stage]
             raise ConfigError("train.compile=true does not work with " + "; ".join(reasons)
                               + ": set train.compile=false or change the layout")
     validate_stage_batches(stages, topo)
+    if cfg.log.val_every:
+        validate_validation(cfg, stages, shard_sets, topo)
     return stages, shard_sets, topo
+
+
+def validate_validation(cfg: RunConfig, stages: list[Stage], shard_sets: list[ShardSet], topo: Topology) -> None:
+    """log.val_every > 0: a held-out shard set per stage, disjoint from its training set; a supported layout."""
+    from trainer.config.shards import check_held_out, val_shard_set
+
+    if topo.pipeline > 1:
+        raise ConfigError(f"log.val_every={cfg.log.val_every} is not supported with parallel.pipeline={topo.pipeline}: "
+                          "the validation loss runs the model outside DeepSpeed's pipeline schedule; set log.val_every=0 "
+                          "or use ZeRO / tensor / expert parallelism")
+    for s, shards in zip(stages, shard_sets):
+        check_held_out(val_shard_set(cfg, s, shards), shards)

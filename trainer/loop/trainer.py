@@ -34,6 +34,7 @@ from trainer.loop.preemption import PreemptionFlag
 from trainer.loop.restore import restore_checkpoint
 from trainer.loop.rollback import RESTORED, Recovery
 from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, step_generator
+from trainer.loop.validation import Validation
 from trainer.monitor.faults import fault_pause_after_checkpoint
 from trainer.monitor.metrics import Metrics, build_metrics
 from trainer.monitor.monitor import Monitor
@@ -125,6 +126,7 @@ class Trainer:
         report_run_dir_events(self.metrics, self.skipped_checkpoints, self.lease_taken, self.state.step)
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
         self.recovery = Recovery(self)  # trainer/loop/rollback.py: divergence -> rollback, recorded data skips
+        self.validation = Validation(self)  # trainer/loop/validation.py: held-out loss, raw and EMA, fixed t and noise
 
     def _build_metrics(self) -> Metrics:
         return build_metrics(self.cfg, self.run_dir, self.state, self._is_logging_rank())
@@ -328,6 +330,7 @@ class Trainer:
         while self.state.step < self.stages[-1].end_step:
             stage = stage_at(self.stages, self.state.step)
             it = self._enter_stage(stage)
+            self.validation.at_start(stage)  # prints its cost; evaluates the initial weights of a fresh run
             while self.state.step < stage.end_step:
                 if self.recovery.skip_due():  # a skip window recorded by a rollback begins here
                     it = self._enter_stage(stage)
@@ -342,6 +345,7 @@ class Trainer:
                     break  # re-enter the restored step's stage, past the skipped data
                 if outcome is not None:
                     return outcome
+                self.validation.after_step(stage)
                 saved = False
                 if step % stage.checkpoint_every == 0 or step == stage.end_step:
                     self.save()

@@ -26,6 +26,11 @@ rank 0: ``"steps=3;ranks=1 | steps=4;ranks=0;kind=grad_nan"``).
 
 ``DIT_FAULT_LOSS_SCALE="samples=112-151;factor=10"`` multiplies the loss (and so its gradients) by ``factor`` on
 the selected steps, every rank: a loss blow-up for the spike detector and the rollback it triggers.
+
+``DIT_FAULT_PERTURB_WEIGHTS="from=40;scale=0.05"`` (optionally ``until=60``) adds Gaussian noise of ``scale`` × each
+parameter's standard deviation (taken at the first perturbed step, so the damage is a random walk, not a blow-up) to
+the trained weights before every step from step ``from`` (1-based) on, the same noise on every rank (seeded by step
+and parameter): weights corrupted mid-run, for the rising-validation alert.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ FAULT_NAN_ENV = "DIT_FAULT_NAN_STEPS"
 FAULT_PAUSE_ENV = "DIT_FAULT_PAUSE_AFTER_CHECKPOINT"
 FAULT_ACTIVATION_ENV = "DIT_FAULT_ACTIVATION"
 FAULT_LOSS_SCALE_ENV = "DIT_FAULT_LOSS_SCALE"
+FAULT_PERTURB_ENV = "DIT_FAULT_PERTURB_WEIGHTS"
 OVERFLOW_FACTOR = 1e30  # applied twice: any |activation| > 3.4e-22 leaves the fp32 range
 
 
@@ -192,3 +198,34 @@ class ActivationFault:
             h.remove()
         self.handles = []
 
+
+# --------------------------------------------------------------------------- weight corruption
+def perturb_spec(environ=None) -> Optional[dict]:
+    """``DIT_FAULT_PERTURB_WEIGHTS`` -> {"from", "until", "scale"} (None when unset)."""
+    raw = (environ if environ is not None else os.environ).get(FAULT_PERTURB_ENV, "").strip()
+    if not raw:
+        return None
+    fields = {"from": None, "until": None, "scale": 0.05}
+    for part in filter(None, (p.strip() for p in raw.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in fields:
+            raise ValueError(f"{FAULT_PERTURB_ENV}: '{part}' is not from=N, until=M or scale=S")
+        fields[key.strip()] = float(value) if key.strip() == "scale" else int(value)
+    if fields["from"] is None:
+        raise ValueError(f"{FAULT_PERTURB_ENV}: give from=N (the first step whose weights are perturbed)")
+    return fields
+
+
+def perturb_weights(tensors, step: int, spec: Optional[dict]) -> bool:
+    """Add the fault's noise to ``tensors`` (this rank's local parameter tensors) if ``step`` is selected."""
+    if spec is None or step < spec["from"] or (spec["until"] is not None and step > spec["until"]):
+        return False
+    import torch
+
+    with torch.no_grad():
+        stds = spec.setdefault("stds", [float(t.float().std()) if t.numel() > 1 else 0.0 for t in tensors])
+        for i, t in enumerate(tensors):
+            g = torch.Generator(device="cpu").manual_seed(1_000_003 * step + i)
+            noise = torch.randn(tuple(t.shape), generator=g).to(device=t.device, dtype=t.dtype)
+            t.add_(noise * spec["scale"] * max(stds[i], 1e-4))
+    return True

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from trainer.engine.device import math_mode
 from trainer.monitor import telemetry
 from trainer.monitor.divergence import DivergenceDetector, sustain_records
-from trainer.monitor.faults import FAULT_LOSS_SCALE_ENV, ActivationFault, fault_nan_steps, fault_spec
+from trainer.monitor.faults import (FAULT_LOSS_SCALE_ENV, ActivationFault, fault_nan_steps, fault_spec, perturb_spec,
+                                    perturb_weights)
 from trainer.monitor.nan_guard import NanGuard, realign_lr, step_applied
 from trainer.monitor.watchdog import Watchdog
 
@@ -43,6 +44,7 @@ class Monitor:
         self.fault_steps = fault_nan_steps()
         self.activation_fault = ActivationFault.from_env(trainer.engine.module, trainer.rank)
         self.loss_scale_fault = fault_spec(FAULT_LOSS_SCALE_ENV)
+        self.perturb_fault = perturb_spec()
         self.scale_loss = False
         self.t_max = telemetry.timestep_range(trainer.objective)
         # loss sums by timestep quartile, kept on the device and read on log steps only
@@ -153,6 +155,8 @@ class Monitor:
             self.activation_fault.begin_step(state.step + 1, state.data_position, batch)
         self.scale_loss = (self.loss_scale_fault is not None and
                            self.loss_scale_fault.hits_step(state.step + 1, state.data_position, batch))
+        if self.perturb_fault is not None:
+            perturb_weights([tr.ema._local(p) for p in tr.ema.params], state.step + 1, self.perturb_fault)
 
     def end_step(self) -> bool:
         """After the trainer counted the step. Returns True when the step was not applied (then no EMA update).

@@ -81,19 +81,27 @@ def sample_batch(model, objective, vae, labels: torch.Tensor, noise: torch.Tenso
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def compute_metrics(images: np.ndarray, inception: str, ref: str | None, device="cpu") -> dict:
+def compute_metrics(images: np.ndarray, inception: str, ref: str | None, device="cpu",
+                    extractor_name: str | None = None) -> dict:
+    """The Fréchet distance to ``ref`` under the feature extractor, named ``fid`` only for Inception-v3 pool3 features
+    (else ``fd_<extractor>``), and the extractor that produced it (``feature_extractor``: name, file, dim, sha256).
+    Errors inside the extractor propagate."""
     from trainer.tools.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor, \
         reference_statistics
 
-    extractor = load_feature_extractor(inception, device)
+    extractor = load_feature_extractor(inception, device, extractor_name)
     feats, probs = extractor(images)
     out = {}
     if ref:
         mu_r, sigma_r = reference_statistics(ref, extractor)
+        if np.shape(mu_r)[-1] != feats.shape[1]:
+            raise ValueError(f"{ref}: reference statistics are {np.shape(mu_r)[-1]}-d, the extractor "
+                             f"{extractor.name} gives {feats.shape[1]}-d features")
         mu, sigma = gaussian_statistics(feats)
-        out["fid"] = frechet_distance(mu, sigma, mu_r, sigma_r)
-    if probs is not None:
+        out[extractor.metric_name()] = frechet_distance(mu, sigma, mu_r, sigma_r)
+    if probs is not None and extractor.is_inception:
         out["inception_score"], out["inception_score_std"] = inception_score(probs)
+    out["feature_extractor"] = extractor.describe()
     return out
 
 
@@ -111,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the last stage's)")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval/<checkpoint tag>)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception file (enables FID/IS)")
+    p.add_argument("--extractor-name", default=None, help="name of the --inception network (default: its file name; "
+                   "the distance is called fid only for Inception-v3 pool3 2048-d features, else fd_<name>)")
     p.add_argument("--ref", default=None, help="ADM reference batch .npz (mu/sigma, or arr_0 images) for FID")
     p.add_argument("--no-record", action="store_true", help="do not append to RUN_DIR/evals.jsonl")
     args = p.parse_args(argv)
@@ -170,7 +180,7 @@ def main(argv=None) -> int:
                   "sampler": method, "sampling_steps": steps, "seed": args.seed, "world_size": world,
                   "npz": os.path.abspath(npz), "seconds": time.time() - t0, "time": time.time()}
         if args.inception:
-            record.update(compute_metrics(arr, args.inception, args.ref, device))
+            record.update(compute_metrics(arr, args.inception, args.ref, device, args.extractor_name))
         if not args.no_record:
             with open(evals_path(run_dir), "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -18,6 +18,7 @@ maps uint8 NCHW images to features (a tensor) or to ``(features, logits)``.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -53,22 +54,55 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-class FeatureExtractor:
-    """A local TorchScript Inception (or compatible) network: uint8 NHWC arrays → features [, probabilities]."""
+INCEPTION_NAME = "inception-v3-pool3"
+INCEPTION_DIM = 2048
 
-    def __init__(self, path: str, device="cpu"):
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "features"
+
+
+class FeatureExtractor:
+    """A local TorchScript Inception (or compatible) network: uint8 NHWC arrays → features [, probabilities].
+
+    ``name`` (default: the file's name), ``dim`` (the feature width, known after the first batch) and ``sha256`` (of
+    the weights file) identify it in every record. It is taken for Inception-v3 pool3 (and its distance called FID)
+    only when its name says Inception and its features are 2048-d (``is_inception``); any other network's distance
+    is ``fd_<name>``. Whether ``forward`` takes ``return_features`` is read from its TorchScript schema once: an
+    error raised inside the network propagates, it is never retried another way."""
+
+    def __init__(self, path: str, device="cpu", name: Optional[str] = None):
         import torch
+
+        from data_pipeline.pca_autoencoder import file_sha256
 
         self.torch = torch
         self.device = torch.device(device)
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.path = path
+        self.name = name or os.path.splitext(os.path.basename(path))[0]
+        self.sha256 = file_sha256(path)
+        self.dim: Optional[int] = None
+        try:
+            arguments = [a.name for a in self.model.forward.schema.arguments]
+        except AttributeError:  # not a scripted forward (e.g. a traced module): no keyword
+            arguments = []
+        self.takes_flag = "return_features" in arguments
+
+    @property
+    def is_inception(self) -> bool:
+        return "inception" in self.name.lower() and self.dim == INCEPTION_DIM
+
+    def describe(self) -> dict:
+        return {"name": INCEPTION_NAME if self.is_inception else self.name, "file": os.path.abspath(self.path),
+                "dim": self.dim, "sha256": self.sha256}
+
+    def metric_name(self) -> str:
+        """``fid`` for Inception-v3 pool3 features, else ``fd_<extractor name>``."""
+        return "fid" if self.is_inception else f"fd_{slug(self.name)}"
 
     def _call(self, x, features: bool):
-        try:
-            return self.model(x, return_features=features)
-        except (TypeError, RuntimeError):
-            return self.model(x)
+        return self.model(x, return_features=features) if self.takes_flag else self.model(x)
 
     def __call__(self, images_nhwc_uint8: np.ndarray, batch_size: int = 100) -> tuple[np.ndarray, Optional[np.ndarray]]:
         torch = self.torch
@@ -83,14 +117,17 @@ class FeatureExtractor:
                     probs.append(torch.softmax(out[1].float(), dim=1).cpu().numpy())
                     continue
                 feats.append(out.float().cpu().numpy())
-                p = self._call(x, False)
-                if not isinstance(p, (tuple, list)) and p.shape[-1] != out.shape[-1]:
-                    probs.append(p.float().cpu().numpy())
-        return np.concatenate(feats), (np.concatenate(probs) if probs else None)
+                if self.takes_flag:
+                    p = self._call(x, False)
+                    if not isinstance(p, (tuple, list)) and p.shape[-1] != out.shape[-1]:
+                        probs.append(p.float().cpu().numpy())
+        features = np.concatenate(feats)
+        self.dim = int(features.shape[1])
+        return features, (np.concatenate(probs) if probs else None)
 
 
-def load_feature_extractor(path: str, device="cpu") -> FeatureExtractor:
-    return FeatureExtractor(path, device)
+def load_feature_extractor(path: str, device="cpu", name: Optional[str] = None) -> FeatureExtractor:
+    return FeatureExtractor(path, device, name)
 
 
 def reference_statistics(ref_npz: str, extractor: Optional[FeatureExtractor]) -> tuple[np.ndarray, np.ndarray]:

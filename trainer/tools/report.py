@@ -2,7 +2,8 @@
 
 Writes into ``RUN_DIR/report/`` (or ``--out``): ``loss.png`` (loss, mse/vb and loss by timestep
 quartile), ``throughput.png`` (samples/s, MFU, step-time split), ``optim.png`` (lr, grad norm),
-``memory.png``, ``fid.png`` when evaluations exist, and ``report.md`` linking them with the run's
+``memory.png``, ``validation.png`` (held-out loss, raw and EMA, per timestep bucket, stage boundaries marked) when
+the run validates, ``fid.png`` when evaluations exist, and ``report.md`` linking them with the run's
 status, final numbers, alerts, checkpoints and sample grids. Reads only the run directory
 (matplotlib with the Agg backend; no torch, no display).
 """
@@ -13,8 +14,9 @@ import math
 import os
 import sys
 
-from trainer.rundir import events_path, evals_path, read_jsonl, read_metrics
+from trainer.rundir import events_path, evals_path, is_val_record, read_jsonl, read_metrics
 from trainer.tools.status import format_duration, run_status
+from trainer.tools.val_summary import bucket_keys, val_records
 
 
 def _series(records: list[dict], key: str) -> tuple[list, list]:
@@ -88,6 +90,13 @@ def _plot(path: str, panels: list[tuple[str, list[tuple[str, str, bool]]]], reco
     return path
 
 
+def _buckets(vals: list[dict]) -> list[tuple[str, object]]:
+    """(val/loss_t{i}, its timestep) of the newest validation record."""
+    last = vals[-1] if vals else {}
+    ts = last.get("val/timesteps") or []
+    return [(k, ts[i] if i < len(ts) else i) for i, k in enumerate(bucket_keys(last))]
+
+
 def _last(records: list[dict], key: str):
     for r in reversed(records):
         v = r.get(key)
@@ -103,11 +112,13 @@ def _fmt(v, spec=".4g") -> str:
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
-    records = [r for r in read_metrics(run_dir) if "step" in r]
+    every = [r for r in read_metrics(run_dir) if "step" in r]
     by_step = {}
-    for r in records:  # a resumed run may log a step twice; the later record wins
-        by_step[r["step"]] = r
+    for r in every:  # a resumed run may log a step twice; the later record wins
+        if not is_val_record(r):
+            by_step[r["step"]] = r
     records = [by_step[s] for s in sorted(by_step)]
+    vals = val_records(every)  # validation records: their own plot, per timestep bucket
     evals = read_jsonl(evals_path(run_dir))
     events = read_jsonl(events_path(run_dir))
     status = run_status(run_dir, query_slurm=False)
@@ -135,6 +146,13 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
             ("GB", [("mem_allocated_gb", "GPU allocated", False), ("mem_reserved_gb", "GPU reserved", False),
                     ("rss_gb", "host RSS", False)]),
         ], records, f"{name}: memory"),
+        "validation": _plot(os.path.join(out_dir, "validation.png"), [
+            ("loss", [("loss", "training loss (batch, random t)", True), ("val/loss", "held-out, raw weights", False),
+                      ("val/ema_loss", "held-out, EMA weights", False)]),
+            ("raw, by timestep", [(k, f"t={t}", False) for k, t in _buckets(vals)]),
+            ("EMA, by timestep", [(k.replace("val/loss_t", "val/ema_loss_t"), f"t={t}", False) for k, t in _buckets(vals)]),
+        ], sorted(vals + records, key=lambda r: r["step"]),
+            f"{name}: validation loss (fixed held-out latents, timesteps and noise)") if vals else None,
         "fid": _plot(os.path.join(out_dir, "fid.png"), [("FID", [("fid", "FID", False)])],
                      [e for e in evals if "step" in e], f"{name}: FID") if evals else None,
     }
@@ -153,14 +171,18 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
               f"| samples seen | {_last(records, 'samples_seen') or 0} |", ""]
     if status["reason"] and status["state"] != "finished":
         lines += [f"Why {status['state']}: {status['reason']}", ""]
-    for key in ("loss", "throughput", "optim", "memory", "fid"):
+    if status.get("validation"):
+        v = status["validation"]
+        lines += [f"Validation (step {v['step']}): raw {_fmt(v['loss'])}, EMA {_fmt(v['ema_loss'])} ({v['trend']}); "
+                  f"best EMA {_fmt(v['best_ema_loss'])} at step {v['best_step']}, {v['evaluations']} evaluations", ""]
+    for key in ("loss", "validation", "throughput", "optim", "memory", "fid"):
         if plots[key]:
             lines += [f"![{key}]({os.path.relpath(plots[key], out_dir)})", ""]
     if evals:
         lines += ["## Evaluations", "", "| step | samples | cfg | sampler | FID | IS |", "|---|---|---|---|---|---|"]
         for e in evals:
             lines.append(f"| {e.get('step')} | {e.get('num_samples')} | {e.get('cfg_scale')} | {e.get('sampler')} "
-                         f"{e.get('sampling_steps')} | {_fmt(e.get('fid'), '.2f')} | {_fmt(e.get('inception_score'), '.2f')} |")
+                         f"{e.get('sampling_steps')} | {_fmt(e.get('fid', next((v for k, v in e.items() if k.startswith('fd_')), None)), '.2f')} | {_fmt(e.get('inception_score'), '.2f')} |")
         lines.append("")
     alerts = [e for e in events if e.get("event") in ("alert", "error")]
     if alerts:

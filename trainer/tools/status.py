@@ -35,8 +35,10 @@ import time
 from typing import Optional
 
 from trainer.rundir import (CHECKPOINT_COMPLETE, CONFIG, LATEST, LEASE, LAUNCH_HISTORY, SLURM_JOB_ID, checkpoints_dir, evals_path,
-                            events_path, heartbeat_path, launch_dir, metrics_path, read_json, read_jsonl)
+                            events_path, heartbeat_path, is_val_record, launch_dir, metrics_path, read_json,
+                            read_jsonl)
 from trainer.state.integrity import check_hashes, check_sizes, has_checksums
+from trainer.tools.val_summary import format_val, val_summary
 from trainer.state.lease import last_beat, pid_alive
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -181,7 +183,8 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
     if stall_minutes is None:  # 0 means the stall alert is off: never "stalled"
         stall_minutes = float(log_cfg.get("stall_minutes", DEFAULT_STALL_MINUTES))
     stall = stall_minutes * 60
-    records = [r for r in read_jsonl(metrics_path(run_dir), max_bytes=TAIL_BYTES) if "step" in r]
+    every = [r for r in read_jsonl(metrics_path(run_dir), max_bytes=TAIL_BYTES) if "step" in r]
+    records = [r for r in every if not is_val_record(r)]  # training steps; validation: val_summary below
     events = read_jsonl(events_path(run_dir))
     heartbeat = read_json(heartbeat_path(run_dir))
     evals = read_jsonl(evals_path(run_dir))
@@ -262,7 +265,8 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         total = sum(int(s.get("steps", 0)) for s in stages) if stages else train.get("max_steps")
     eta = _num(last.get("eta_sec")) if state in ("running", "stalled") else (0.0 if state == "finished" else None)
     job = slurm_job_id(run_dir)
-    fid = next((e for e in reversed(evals) if "fid" in e), None)
+    fid = next((e for e in reversed(evals) if "fid" in e or any(k.startswith("fd_") for k in e)), None)
+    fd_key = next((k for k in (fid or {}) if k == "fid" or k.startswith("fd_")), None)
     return {
         "run_dir": os.path.abspath(run_dir),
         "name": (cfg.get("run") or {}).get("name") or os.path.basename(os.path.abspath(run_dir)),
@@ -294,7 +298,9 @@ def run_status(run_dir: str, now: Optional[float] = None, stall_minutes: Optiona
         "rollbacks": [{k: e.get(k) for k in ("rollback", "reason", "from_step", "to_step", "checkpoint", "windows",
                                              "skipped_samples", "time")} for e in rollbacks][-5:],
         "rollback_count": len(rollbacks),
-        "fid": {"step": fid.get("step"), "fid": fid.get("fid"), "num_samples": fid.get("num_samples")} if fid else None,
+        "fid": {"step": fid.get("step"), "metric": fd_key, "fid": fid.get(fd_key), "num_samples": fid.get("num_samples"),
+                "feature_extractor": fid.get("feature_extractor")} if fid else None,
+        "validation": val_summary(every),
         "slurm_job_id": job,
         "slurm_state": slurm_state(job) if query_slurm else "n/a",
     }
@@ -340,8 +346,11 @@ def format_status(s: dict) -> str:
         lines.append(f"  rejected at resume: {r['problem']}")
     if s["reason"] and s["state"] != "finished":
         lines.append(f"  why: {s['reason']}")
+    if s.get("validation"):
+        lines.append(format_val(s["validation"]))
     if s["fid"]:
-        lines.append(f"  FID {_fmt(s['fid']['fid'], '.2f')} at step {s['fid']['step']} "
+        name = "FID" if s["fid"].get("metric", "fid") == "fid" else s["fid"]["metric"]
+        lines.append(f"  {name} {_fmt(s['fid']['fid'], '.2f')} at step {s['fid']['step']} "
                      f"({s['fid']['num_samples']} samples)")
     if s["alerts"]:
         lines.append(f"  alerts ({s['alert_count']}): " + "; ".join(
