@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.runs import REPO, _env, train_cmd
+from tests.runs import REPO, _env, _flat_tensors, train_cmd
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdeffakekey42"
 
@@ -62,17 +62,6 @@ def _adam_state(run_dir, step):
         sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         out.append(sd)
     return out
-
-
-def _flat_tensors(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flat_tensors(v, f"{prefix}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flat_tensors(v, f"{prefix}[{i}]")
 
 
 @pytest.fixture(scope="module")
