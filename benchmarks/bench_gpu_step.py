@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model_step import TrainStep  # noqa: E402
+from bench_model_step import TrainStep, build_pair as build_model_pair  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -84,23 +84,10 @@ TINY = dict(patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=1000
 
 def build_pair(model_name: str, input_size: int, tiny: bool = False):
     """(ours, diffusers' DiTTransformer2DModel) with the same config and weights (non-zero adaLN and head, so both
-    compute a real function), on the host."""
-    from diffusers import DiTTransformer2DModel
-
+    compute a real function), on the host: bench_model_step.build_pair, with the dry run's tiny shapes."""
     from models import DiTArgs
-    from models.convert import align_diffusers_timestep_embedding, diffusers_config, official_to_diffusers
 
-    torch.manual_seed(0)
-    args = DiTArgs(input_size=input_size, **TINY) if tiny else DiTArgs.from_preset(model_name, input_size=input_size)
-    ours = args.build()
-    with torch.no_grad():
-        for key, p in ours.named_parameters():
-            if key != "pos_embed":
-                p.add_(0.02 * torch.randn_like(p))
-    theirs = DiTTransformer2DModel(**diffusers_config(ours.config))
-    theirs.load_state_dict(official_to_diffusers(ours.state_dict(), ours.config), strict=True)
-    align_diffusers_timestep_embedding(theirs)
-    return ours.train(), theirs.train()
+    return build_model_pair(model_name, input_size, DiTArgs(input_size=input_size, **TINY) if tiny else None)
 
 
 def matmul_peak_tflops(device: torch.device, n: int, repeats: int) -> float:

@@ -52,9 +52,10 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device = torch.device("
     return 2 * n**3 / min(times) / 1e9
 
 
-def build_pair(name: str, input_size: int):
+def build_pair(name: str, input_size: int, args: DiTArgs | None = None):
+    """Our DiT (the preset ``name``, or ``args``) and diffusers' DiTTransformer2DModel holding the same weights."""
     torch.manual_seed(0)
-    ours = DiTArgs.from_preset(name, input_size=input_size).build()
+    ours = (args or DiTArgs.from_preset(name, input_size=input_size)).build()
     with torch.no_grad():  # nonzero adaLN/head so both models compute a real function
         for key, p in ours.named_parameters():
             if key != "pos_embed":
