@@ -40,7 +40,7 @@ class Monitor:
         self.logging = trainer._is_logging_rank()
         self.device = trainer.device
         self.timer = telemetry.PhaseTimer(trainer.device, active=self._log_step_running)
-        self.nan = NanGuard(cfg.train.max_nan_steps, trainer.device)
+        self.nan = NanGuard(cfg.train.max_nan_steps)
         self.fault_steps = fault_nan_steps()
         self.activation_fault = ActivationFault.from_env(trainer.engine.module, trainer.rank)
         self.loss_scale_fault = fault_spec(FAULT_LOSS_SCALE_ENV)

@@ -31,9 +31,8 @@ import contextlib
 class NanGuard:
     """Agreement across ranks on non-finite losses, and the consecutive / total counts."""
 
-    def __init__(self, max_in_row: int, device):
+    def __init__(self, max_in_row: int):
         self.max_in_row = max_in_row
-        self.device = device
         self.in_row = 0
 
     def any_nonfinite(self, value) -> bool:
