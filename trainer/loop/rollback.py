@@ -8,7 +8,7 @@ trainer/monitor/divergence.py), every rank together:
    non-finite streak, or of the spike), hashed in parallel like a resume (``checkpoint.find_verified``);
 2. sets aside the checkpoints written since the onset (``checkpoints/diverged/``: resume never looks there, and
    ``latest`` moves back), so a crash now cannot resume diverged weights;
-3. restores that checkpoint (weights, optimizer, LR schedule, EMA, RNG: ``Trainer._restore``, the resume path);
+3. restores that checkpoint (weights, optimizer, LR schedule, EMA, RNG: ``trainer/loop/restore.py``, the resume path);
 4. skips the data the failed attempt consumed since that checkpoint: the step counter goes back to the checkpoint's
    step c, but the data position continues where the failure left it (p_f), so the window [p_c, p_f) is never
    trained on again. Per-sample noise, timesteps and label drops are keyed by sample position, so the steps after
@@ -38,6 +38,7 @@ import torch.distributed as dist
 from trainer import rundir
 from trainer.engine.distributed import all_reduce_max_flags, barrier
 from trainer.loop.ownership import rewind_metrics
+from trainer.loop.restore import restore_checkpoint
 from trainer.monitor.nan_guard import realign_lr
 from trainer.rundir import EXIT_DIVERGED, EXIT_NAN_STOP
 from trainer.state import checkpoint as ckpt
@@ -175,7 +176,7 @@ class Recovery:
         failed = tr.state
         moved = ckpt.set_aside_checkpoints(tr.ckpt_dir, onset, tr.cfg.checkpoint.keep_last) if tr.rank == 0 else []
         barrier()
-        restored = tr._restore(target)
+        restored = restore_checkpoint(tr, target)
         n = failed.rollbacks + 1
         windows = [dict(w, rollback=n) for w in consumed_windows(restored, failed, tr.stages, tr.topo.data)]
         restored.rollbacks = n

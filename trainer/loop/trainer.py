@@ -136,7 +136,7 @@ class Trainer:
         # incomplete newer ones are skipped with the file named (and reported in events.jsonl below).
         path, self.skipped_checkpoints = ckpt.find_verified(self.ckpt_dir)
         if path is not None:
-            saved = self._restore(path)
+            saved = restore_checkpoint(self, path)  # trainer/loop/restore.py: the path rollbacks take too
             self.state = saved
             log0(f"resumed from {path} at step {saved.step} (stage {saved.stage})")
         elif self.cfg.checkpoint.init_from:
@@ -151,10 +151,6 @@ class Trainer:
         self.state.model_config = self.arch.to_dict()
         if self.rank == 0:
             rewind_metrics(self.run_dir, self.state.step)
-
-    def _restore(self, path: str) -> ckpt.TrainerState:
-        """Collective: resume and rollback (trainer/loop/rollback.py) both restore through trainer/loop/restore.py."""
-        return restore_checkpoint(self, path)
 
     def _stage_for_state(self, state: ckpt.TrainerState) -> Stage:
         return self.stages[min(state.stage, len(self.stages) - 1)]
