@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.tools.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor
+from trainer.monitor.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +126,7 @@ def _evaluate(args, nprocs=1):
 
 
 def test_two_ranks_write_the_same_adm_sample_batch_as_one_and_fid_is_recorded(eval_run, standin_path, tmp_path):
-    from trainer.tools.fid import FeatureExtractor
+    from trainer.monitor.fid import FeatureExtractor
 
     run, classes = eval_run
     common = ["--per-class", "3", "--steps", "3", "--cfg-scale", "2.0", "--method", "ddim", "--batch-size", "4"]

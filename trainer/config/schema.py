@@ -134,6 +134,13 @@ class LogSection:
     val_samples: int = 256  # held-out latents evaluated (the first N of the validation shard set)
     val_timesteps: int = 8  # K fixed equidistant timesteps
     val_alert_evals: int = 3  # alert when the EMA validation loss rises this many evaluations in a row (0 = off)
+    eval_every: int = 0  # steps between in-training FID evaluations of the EMA (0 = off): trainer/loop/evaluation.py
+    eval_per_class: int = 10  # EMA samples per class (sample.classes, else every class), sampled as sample.*
+    eval_batch: int = 32  # samples per sampling batch on each rank
+    eval_extractor: str = ""  # local TorchScript feature network; "fid" only for Inception-v3 pool3, else fd_<name>
+    eval_extractor_name: str = ""  # the network's name in records (default: its file name)
+    eval_ref: str = ""  # ADM reference batch .npz (mu/sigma or arr_0); "" = held-out latents decoded by the VAE
+    eval_ref_samples: int = 0  # held-out latents in that reference (0 = as many as are sampled)
 
 
 @dataclass

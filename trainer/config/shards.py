@@ -34,9 +34,10 @@ def open_shard_set(root: str, resolution: int) -> ShardSet:
     return ShardSet(directory, manifest)
 
 
-def val_shard_set(cfg, stage, train: ShardSet) -> ShardSet:
+def val_shard_set(cfg, stage, train: ShardSet, needed: int | None = None, purpose: str = "") -> ShardSet:
     """The validation shard set of ``stage``: ``data.val_root``/<resolution>, else the one the training shard set's
-    manifest records (data_pipeline/val_split.py). ConfigError when there is none or it does not fit the stage."""
+    manifest records (data_pipeline/val_split.py). ConfigError when there is none, it does not fit the stage or holds
+    fewer than ``needed`` samples (default log.val_samples) for ``purpose`` (the key that needs it)."""
     import os
 
     from data_pipeline.manifest import check_shard_set, shard_set_dir
@@ -48,7 +49,7 @@ def val_shard_set(cfg, stage, train: ShardSet) -> ShardSet:
         directory = recorded_val_dir(train.directory, train.manifest)
         where = f"the validation set recorded in {train.directory}/manifest.json"
         if directory is None:
-            raise ConfigError(f"log.val_every={cfg.log.val_every} needs a validation shard set: {train.directory} "
+            raise ConfigError(f"{purpose or f'log.val_every={cfg.log.val_every}'} needs a validation shard set: {train.directory} "
                               f"records none (encode with --val-fraction or --val-list) and data.val_root is not set")
     if os.path.realpath(directory) == os.path.realpath(train.directory):
         raise ConfigError(f"{where}: {directory} is the training shard set itself; validation must be held out")
@@ -59,9 +60,10 @@ def val_shard_set(cfg, stage, train: ShardSet) -> ShardSet:
     if tuple(manifest["latent_shape"]) != train.latent_shape:
         raise ConfigError(f"{where}: validation latents {tuple(manifest['latent_shape'])} do not match the training "
                           f"shard set's {train.latent_shape} at {stage.resolution} px")
-    if int(manifest["num_samples"]) < cfg.log.val_samples:
-        raise ConfigError(f"{where}: {directory} holds {manifest['num_samples']} samples; log.val_samples="
-                          f"{cfg.log.val_samples}")
+    if needed is None:
+        needed, purpose = cfg.log.val_samples, f"log.val_samples={cfg.log.val_samples}"
+    if int(manifest["num_samples"]) < needed:
+        raise ConfigError(f"{where}: {directory} holds {manifest['num_samples']} samples; {purpose} needs {needed}")
     return ShardSet(directory, manifest)
 
 

@@ -13,11 +13,13 @@ from trainer.config.topology import Topology
 
 POSITIVE = ("train.max_steps", "train.global_batch", "train.micro_batch", "log.every", "checkpoint.every",
             "checkpoint.keep_last", "sample.per_class", "sample.steps", "train.ema_every", "run.lease_timeout_minutes",
-            "log.heartbeat_seconds", "log.val_samples", "log.val_timesteps")
+            "log.heartbeat_seconds", "log.val_samples", "log.val_timesteps", "log.eval_per_class",
+            "log.eval_batch")
 NON_NEGATIVE = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "log.sample_every", "data.num_workers", "model.grad_checkpoint", "model.num_classes", "log.stall_minutes",
                 "train.max_nan_steps", "train.max_rollbacks", "train.blowup_steps", "log.spike_factor",
-                "run.hang_timeout_minutes", "log.val_every", "log.val_alert_evals")
+                "run.hang_timeout_minutes", "log.val_every", "log.val_alert_evals", "log.eval_every",
+                "log.eval_ref_samples")
 
 
 def validate_values(cfg: RunConfig) -> None:
@@ -120,6 +122,8 @@ def validate_run(cfg: RunConfig, ds: dict, world_size: int) -> tuple[list[Stage]
     validate_stage_batches(stages, topo)
     if cfg.log.val_every:
         validate_validation(cfg, stages, shard_sets, topo)
+    if cfg.log.eval_every:
+        validate_evaluation(cfg, stages, shard_sets)
     return stages, shard_sets, topo
 
 
@@ -133,3 +137,27 @@ def validate_validation(cfg: RunConfig, stages: list[Stage], shard_sets: list[Sh
                           "or use ZeRO / tensor / expert parallelism")
     for s, shards in zip(stages, shard_sets):
         check_held_out(val_shard_set(cfg, s, shards), shards)
+
+
+def validate_evaluation(cfg: RunConfig, stages: list[Stage], shard_sets: list[ShardSet]) -> None:
+    """log.eval_every > 0: a local feature network, and a reference (a file, or a held-out shard set per stage)."""
+    import os
+
+    from trainer.config.shards import check_held_out, val_shard_set
+
+    log = cfg.log
+    if not log.eval_extractor:
+        raise ConfigError(f"log.eval_every={log.eval_every} needs log.eval_extractor: a local TorchScript feature "
+                          "network (e.g. NVIDIA's inception-2015-12-05.pt; nothing is downloaded)")
+    if not os.path.isfile(log.eval_extractor):
+        raise ConfigError(f"log.eval_extractor: no such file {log.eval_extractor}")
+    if log.eval_ref:
+        if not os.path.isfile(log.eval_ref):
+            raise ConfigError(f"log.eval_ref: no such file {log.eval_ref}")
+        return
+    for s, shards in zip(stages, shard_sets):  # the reference: held-out latents of each stage
+        classes = len(cfg.sample.classes) or cfg.model.num_classes or int(shards.manifest.get("num_classes", 0))
+        needed = log.eval_ref_samples or classes * log.eval_per_class
+        purpose = (f"the FID reference (log.eval_every={log.eval_every}, log.eval_ref unset: log.eval_ref_samples="
+                   f"{log.eval_ref_samples}, else log.eval_per_class x classes)")
+        check_held_out(val_shard_set(cfg, s, shards, needed, purpose), shards)

@@ -34,6 +34,7 @@ from trainer.loop.preemption import PreemptionFlag
 from trainer.loop.restore import restore_checkpoint
 from trainer.loop.rollback import RESTORED, Recovery
 from trainer.loop.seeding import per_sample_randomness, rng_state, seed_everything, step_generator
+from trainer.loop.evaluation import InTrainingEvaluation
 from trainer.loop.validation import Validation
 from trainer.monitor.faults import fault_pause_after_checkpoint
 from trainer.monitor.metrics import Metrics, build_metrics
@@ -127,6 +128,7 @@ class Trainer:
         self.monitor = Monitor(self).start()  # trainer/monitor/monitor.py: MFU, NaN skipping, alerts, heartbeat
         self.recovery = Recovery(self)  # trainer/loop/rollback.py: divergence -> rollback, recorded data skips
         self.validation = Validation(self)  # trainer/loop/validation.py: held-out loss, raw and EMA, fixed t and noise
+        self.evaluation = InTrainingEvaluation(self)  # trainer/loop/evaluation.py: FID of the EMA every log.eval_every
 
     def _build_metrics(self) -> Metrics:
         return build_metrics(self.cfg, self.run_dir, self.state, self._is_logging_rank())
@@ -342,6 +344,7 @@ class Trainer:
                 if outcome is not None:
                     return outcome
                 self.validation.after_step(stage)
+                self.evaluation.after_step(stage)
                 saved = False
                 if step % stage.checkpoint_every == 0 or step == stage.end_step:
                     self.save()

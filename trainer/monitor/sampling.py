@@ -2,9 +2,13 @@
 
 Rows are classes and columns are samples of that class, so a glance at the grid tells whether
 the model has learned class structure.
+
+Sample batches for FID (``noise_for``, ``sample_batch``) are shared by ``trainer.evaluate`` and the in-training
+evaluation (trainer/loop/evaluation.py), so both draw sample i from the same noise, keyed by (seed, i) alone.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -41,3 +45,38 @@ def sample_grid(model, objective, vae, path: str, *, classes: list[int], per_cla
     images = vae.decode(latents)  # (n, 3, H·f, W·f) in [-1, 1], decoded on the VAE's device
     save_image_grid(images.cpu(), path, nrow=per_class)
     return path
+
+
+def sample_indices(total: int, rank: int, world: int) -> list[int]:
+    """This rank's disjoint share of sample indices 0..total-1."""
+    return list(range(rank, total, world))
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """uint8 (N, H, W, 3) on the host from decoded (N, 3, H, W) images in [-1, 1]."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def noise_for(indices: list[int], latent_shape: tuple, seed: int) -> torch.Tensor:
+    """(len(indices), C, H, W): sample i's starting noise depends only on (seed, i)."""
+    out = []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        out.append(torch.randn(latent_shape, generator=g))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def sample_batch(model, objective, vae, labels: torch.Tensor, noise: torch.Tensor, *, cfg_scale: float, steps: int,
+                 method: str, num_classes: int, device) -> np.ndarray:
+    """uint8 (N, H, W, 3) images for ``labels`` from ``noise``."""
+    n = len(labels)
+    z, y = noise.to(device), labels.to(device)
+    if cfg_scale > 1.0:
+        z = torch.cat([z, z], 0)
+        kwargs = {"y": torch.cat([y, torch.full_like(y, num_classes)], 0), "cfg_scale": cfg_scale}
+        fn = model.forward_with_cfg
+    else:
+        kwargs, fn = {"y": y}, model.forward
+    latents = objective.sample(fn, tuple(z.shape), noise=z, steps=steps, method=method, model_kwargs=kwargs)[:n]
+    return images_to_uint8(vae.decode(latents.float()))  # decoded (N, 3, H, W) on the VAE's (the rank's) device

@@ -132,6 +132,10 @@ class WandbSink:
             self.run.alert(title=title, text=text, level=level_enum, wait_duration=60)
 
     def close(self) -> None:
+        pending = self._new_evals()  # an evaluation after the last logged step (e.g. at the final step)
+        if pending:
+            self.run.log(pending)
+            atomic_write_text(self.state_path, json.dumps({"evals_sent": self._evals_seen}), fsync=False)
         self.run.finish()
 
 

@@ -9,7 +9,7 @@ classifier-free guidance scale, sampler and steps as chosen. Rank 0 gathers the 
 
 which is the sample-batch format of the ADM evaluator (openai/guided-diffusion evaluations/evaluator.py)
 used by facebookresearch/DiT. With ``--inception PATH`` (a local TorchScript Inception; nothing is
-downloaded, see trainer/tools/fid.py) and ``--ref REF.npz`` (an ADM reference batch: mu/sigma or arr_0) it also
+downloaded, see trainer/monitor/fid.py) and ``--ref REF.npz`` (an ADM reference batch: mu/sigma or arr_0) it also
 computes FID (and IS when the network gives class probabilities) and appends a record to
 ``RUN_DIR/evals.jsonl``, which ``trainer.status`` shows and the training run's W&B sink forwards as
 ``eval/fid`` (axis ``eval/step``).
@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from trainer.monitor.sampling import noise_for, sample_batch, sample_indices
 from trainer.rundir import evals_path
 
 
@@ -50,43 +51,12 @@ def _barrier():
         dist.barrier()
 
 
-def sample_indices(total: int, rank: int, world: int) -> list[int]:
-    """This rank's disjoint share of sample indices 0..total-1."""
-    return list(range(rank, total, world))
-
-
-def noise_for(indices: list[int], latent_shape: tuple, seed: int) -> torch.Tensor:
-    """(len(indices), C, H, W): sample i's starting noise depends only on (seed, i)."""
-    out = []
-    for i in indices:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        out.append(torch.randn(latent_shape, generator=g))
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def sample_batch(model, objective, vae, labels: torch.Tensor, noise: torch.Tensor, *, cfg_scale: float, steps: int,
-                 method: str, num_classes: int, device) -> np.ndarray:
-    """uint8 (N, H, W, 3) images for ``labels`` from ``noise``."""
-    n = len(labels)
-    z, y = noise.to(device), labels.to(device)
-    if cfg_scale > 1.0:
-        z = torch.cat([z, z], 0)
-        kwargs = {"y": torch.cat([y, torch.full_like(y, num_classes)], 0), "cfg_scale": cfg_scale}
-        fn = model.forward_with_cfg
-    else:
-        kwargs, fn = {"y": y}, model.forward
-    latents = objective.sample(fn, tuple(z.shape), noise=z, steps=steps, method=method, model_kwargs=kwargs)[:n]
-    images = vae.decode(latents.float())  # (N, 3, H, W) in [-1, 1], on the VAE's (the rank's) device
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def compute_metrics(images: np.ndarray, inception: str, ref: str | None, device="cpu",
                     extractor_name: str | None = None) -> dict:
     """The Fréchet distance to ``ref`` under the feature extractor, named ``fid`` only for Inception-v3 pool3 features
     (else ``fd_<extractor>``), and the extractor that produced it (``feature_extractor``: name, file, dim, sha256).
     Errors inside the extractor propagate."""
-    from trainer.tools.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor, \
+    from trainer.monitor.fid import frechet_distance, gaussian_statistics, inception_score, load_feature_extractor, \
         reference_statistics
 
     extractor = load_feature_extractor(inception, device, extractor_name)

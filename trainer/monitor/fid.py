@@ -30,6 +30,23 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
+def feature_moments(features: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, sum, sum of outer products) of (N, D) features in float64: the part of the Gaussian statistics that
+    ranks can add up (an all-reduce of D + D² numbers) instead of gathering every feature vector on one rank."""
+    x = np.asarray(features, dtype=np.float64)
+    return len(x), x.sum(axis=0), x.T @ x
+
+
+def statistics_from_moments(count: int, total: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance from ``feature_moments`` summed over ranks (equal to ``gaussian_statistics`` of
+    the concatenated features up to float64 rounding)."""
+    if count < 2:
+        raise ValueError(f"a covariance needs at least 2 feature vectors, got {count}")
+    mu = np.asarray(total, np.float64) / count
+    sigma = (np.asarray(outer, np.float64) - count * np.outer(mu, mu)) / (count - 1)
+    return mu, sigma
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
