@@ -1,10 +1,13 @@
 """Moving a checkpoint to another parallel layout: DeepSpeed's universal checkpoint for data-parallel layouts.
 
 A DeepSpeed ZeRO checkpoint holds each rank's flat partition of the fp32 weights and AdamW moments, so it loads only
-on the data-parallel size and ZeRO stage it was written with. DeepSpeed's universal checkpoint
+on the data-parallel size and ZeRO family it was written with. DeepSpeed's universal checkpoint
 (``deepspeed.checkpoint.ds_to_universal``) re-cuts those partitions into one folder per parameter
-(``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``) that any ZeRO-1/2/3 engine of any data-parallel size loads with
-``"checkpoint": {"load_universal": true}``. Here that conversion is
+(``zero/<name>/{fp32,exp_avg,exp_avg_sq[,step]}.pt``, full unpartitioned tensors; ZeRO-3 conversions keep the AdamW
+step in ``zero/optimizer_state.pt`` only). Those folders are the same whichever ZeRO-1/2/3 layout wrote them, and
+trainer/state/elastic.py loads them into an engine of any ZeRO stage and data-parallel size through DeepSpeed's
+tensor-fragment API (DeepSpeed's own universal loaders are not used: their global optimizer-state formats differ
+between ZeRO-1/2 and ZeRO-3). Here the conversion is
 
 * done once per checkpoint, into ``checkpoints/universal-stepNNNNNNNN/`` beside the original;
 * atomic: written under ``.tmp-universal-stepNNNNNNNN`` and renamed after its own ``COMPLETE.json`` (sizes and
@@ -17,7 +20,8 @@ The EMA is not part of DeepSpeed's state: ``consolidated_ema`` (trainer/state/co
 EMA from any layout's files, and ``EMA.load_full`` cuts it for the new layout.
 
 Not covered (refused before start by trainer/config/resume.py): tensor/pipeline parallel layouts (their files hold
-fairscale slices and pipeline-stage names that DeepSpeed's converter does not know) and DeepSpeed-MoE expert files.
+fairscale slices and pipeline-stage names that DeepSpeed's converter does not know), DeepSpeed-MoE expert files, and
+ZeRO-0.
 """
 from __future__ import annotations
 
