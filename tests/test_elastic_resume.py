@@ -138,6 +138,16 @@ def test_a_layout_change_loads_exactly_what_was_saved(references, demo_root, tmp
         assert torch.equal(got.reshape(-1), saved["ema"][name].float().reshape(-1)), (name, "ema")
     assert (loaded["step"], loaded["lr_last_step"], loaded["global_steps"], loaded["skipped_steps"]) == (AT, AT, AT, 0)
     assert loaded["global_samples"] == AT * 8
+    if source == "zero3":  # the consolidated archive of a ZeRO-3 run (its conversion gets step.pt from the global state)
+        archive_path = str(tmp_path / "archive.pt")
+        proc = subprocess.run([sys.executable, "-m", "trainer.convert", run, "--archive", archive_path], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        archive = torch.load(archive_path, map_location="cpu", weights_only=True)
+        assert archive["adam_step"] == AT and set(archive["weights"]) == trained
+        for name, w in archive["weights"].items():
+            assert torch.equal(w.reshape(-1), saved["weights"][name].float().reshape(-1)), name
+            assert torch.equal(archive["exp_avg_sq"][name].reshape(-1), saved["moments"][name]["exp_avg_sq"]), name
 
 
 def test_the_conversion_is_bit_exact_and_a_killed_conversion_leaves_the_original_usable(references, tmp_path):

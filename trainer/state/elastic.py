@@ -16,8 +16,8 @@ under ZeRO-1, 2 and 3 alike:
   not a multiple of the data-parallel size), then the parameter partitions are refreshed from the master and the
   persistent parameters gathered again, as ``engine.load_checkpoint`` does around its own load.
 * AdamW's ``step``: torch keeps it per flat partition (``optimizer.state[flat]["step"]``, a 0-d float32 tensor, on
-  the partition's device when fused or capturable, else on the CPU); it is set there for every partition. ZeRO-1/2
-  conversions store it per parameter (``step.pt``), ZeRO-3 ones in ``zero/optimizer_state.pt`` only.
+  the partition's device when fused or capturable, else on the CPU); every partition gets a tensor of its own (see
+  below). The conversion stores it per parameter (``step.pt``; trainer/state/convert.py adds it for ZeRO-3 sources).
 * The LR schedule position, global steps and samples and skipped steps come from the conversion's model-states file
   (DeepSpeed's engine metadata), as the native load restores them; the per-group hyperparameters are the run
   config's (the schedule sets the lr).
@@ -25,9 +25,11 @@ under ZeRO-1, 2 and 3 alike:
 A fresh engine has no optimizer state yet (torch creates it at the first step): it is created here in torch's own
 format, so the first step after the resume continues it rather than starting over.
 
-Why not DeepSpeed's ZeRO-3 universal loader for a data-parallel change (it loads): it restores the AdamW step and the
-param-group settings from ``optimizer_state.pt`` but the continued losses drifted from the uninterrupted run's
-(docs/parallelism.md); this path is tested bit-exact and continuous instead (tests/test_elastic_resume.py).
+Why not DeepSpeed's ZeRO-3 universal loader for a data-parallel change (it loads): it puts one shared ``step`` tensor
+into every sub-group's AdamW state, and ZeRO-3 steps the sub-groups one at a time while torch increments ``step`` in
+place, so with two parameter groups the count advanced twice per step and the bias correction drifted (5e-4 relative
+in the losses by the third step; docs/parallelism.md). Here each partition's step is its own tensor, and the load is
+tested bit-exact and continuous (tests/test_elastic_resume.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import os
 
 import torch
 
-from trainer.state.convert import MODEL_STATES, universal_state
+from trainer.state.convert import MODEL_STATES, global_adam_step, universal_state
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -47,14 +49,8 @@ def _name(name: str) -> str:
 def adam_step(universal: str, state: dict) -> torch.Tensor:
     """The AdamW step count of a universal checkpoint (one value: every group steps together)."""
     steps = {float(entry["step"]) for entry in state.values() if "step" in entry}
-    if not steps:  # ZeRO-3 conversions keep it in the global optimizer state only
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-            sd = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), map_location="cpu",
-                            weights_only=True)
-        steps = {float(s["step"]) for s in sd["optimizer_state_dict"]["state"].values() if "step" in s}
+    if not steps:  # a ZeRO-3 conversion published before convert.py added step.pt: the global state has it
+        return global_adam_step(universal)
     if len(steps) != 1:
         raise RuntimeError(f"{universal}: expected one AdamW step count, found {sorted(steps)}")
     return torch.tensor(steps.pop(), dtype=torch.float32)
