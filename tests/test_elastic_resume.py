@@ -1,10 +1,13 @@
 """Layout-independent resume of data-parallel runs (the resume matrix in docs/parallelism.md).
 
-A 2-rank run is checkpointed at step 4 and continued, from a copy of its run directory, under another layout: the
-losses of the 8 steps after the resume equal the uninterrupted 2-rank run's (relative 1e-4, the bound the
-parallel-equivalence tests use: fp32 reduction order is the only difference). The data stream and the per-sample
-randomness do not depend on the layout (trainer/loop/data.py), the weights, AdamW moments and step counts go
-through DeepSpeed's universal checkpoint (trainer/state/convert.py) and the EMA through its consolidation.
+A 2-rank run (ZeRO-2 or ZeRO-3) is checkpointed at step 4 and continued, from a copy of its run directory, under
+another layout (another data-parallel size, or the other ZeRO family): the losses of the 8 steps after the resume
+equal the uninterrupted 2-rank run's (relative 1e-4, the bound the parallel-equivalence tests use: fp32 reduction
+order is the only difference), and what the new layout loaded (full fp32 weights, AdamW moments and step, EMA, LR
+position) equals what was saved bit for bit. The data stream and the per-sample randomness do not depend on the
+layout (trainer/loop/data.py), the weights, AdamW moments and step counts go through DeepSpeed's universal checkpoint
+(trainer/state/convert.py) loaded with the tensor-fragment API (trainer/state/elastic.py), and the EMA through its
+consolidation.
 """
 import os
 import shutil
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 from tests.runs import REPO, _env, losses_by_step, read_metrics, run_training
+from trainer.engine.distributed import free_port
 
 STEPS, AT = 12, 4
 
@@ -27,9 +31,9 @@ def _over(root, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def references(demo_root, tmp_path_factory):
-    """An uninterrupted 2-rank ZeRO-2 run (12 steps, checkpoints at 4, 8, 12)."""
+    """Uninterrupted 2-rank ZeRO-2 and ZeRO-3 runs (12 steps, checkpoints at 4, 8, 12)."""
     runs = {}
-    for name in ("zero2",):
+    for name in ("zero2", "zero3"):
         run_dir = str(tmp_path_factory.mktemp(name))
         run_training(2, _over(demo_root, run_dir), ds_config=f"{name}.json")
         runs[name] = run_dir
@@ -48,10 +52,16 @@ def _from_step(src: str, dst: str) -> str:
     return dst
 
 
-@pytest.mark.parametrize("source,nprocs,ds_config", [
+LAYOUT_CHANGES = [
     ("zero2", 1, "zero2.json"),   # fewer nodes
     ("zero2", 4, "zero2.json"),   # more GPUs
-])
+    ("zero2", 2, "zero3.json"),   # ZeRO-2 -> ZeRO-3
+    ("zero3", 2, "zero2.json"),   # ZeRO-3 -> ZeRO-2
+    ("zero3", 1, "zero3.json"),   # ZeRO-3, fewer nodes
+]
+
+
+@pytest.mark.parametrize("source,nprocs,ds_config", LAYOUT_CHANGES)
 def test_resume_on_another_data_parallel_layout_continues_the_same_run(references, demo_root, tmp_path, source,
                                                                         nprocs, ds_config):
     run = _from_step(references[source], str(tmp_path / "run"))
@@ -62,6 +72,82 @@ def test_resume_on_another_data_parallel_layout_continues_the_same_run(reference
     assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
     for s in range(AT + 1, STEPS + 1):
         assert got[s] == pytest.approx(ref[s], rel=1e-4), f"step {s}: {ref[s]} vs {got[s]}"
+
+
+def _saved_state(ck: str) -> dict:
+    """What checkpoint ``ck`` holds, read from its own files (not through the conversion): full fp32 weights
+    (DeepSpeed's consolidation), each parameter's AdamW moments cut out of the ranks' flat partitions, the AdamW step
+    of every partition, and the consolidated EMA. ZeRO-1/2 partitions cut the concatenation of a group's parameters;
+    ZeRO-3 partitions each parameter separately (ceil(numel / ranks) elements per rank, zero-padded at the end)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer.state.consolidate import consolidated_ema
+
+    files = sorted(f for f in os.listdir(ck) if f.endswith("_optim_states.pt"))
+    parts = [torch.load(os.path.join(ck, f), map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for f in files]
+    zero3 = "base_optimizer_state" not in parts[0]
+    states = [p["optimizer_state_dict" if zero3 else "base_optimizer_state"]["state"] for p in parts]
+    meta = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"
+    groups = torch.load(os.path.join(ck, meta), map_location="cpu", weights_only=False)["param_shapes"]
+    moments, steps = {}, []
+    for g, shapes in enumerate(groups):
+        steps += [float(st[g]["step"]) for st in states]
+        flat = {k: torch.cat([st[g][k] for st in states]) for k in ("exp_avg", "exp_avg_sq")}
+        offset = 0
+        for name, shape in shapes.items():
+            n = int(torch.Size(shape).numel())
+            if zero3:
+                share = -(-n // len(states))
+                moments[name] = {k: torch.cat([st[g][k][offset:offset + share] for st in states])[:n]
+                                 for k in ("exp_avg", "exp_avg_sq")}
+                offset += share
+            else:
+                moments[name] = {k: flat[k][offset:offset + n] for k in ("exp_avg", "exp_avg_sq")}
+                offset += n
+    weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ck), tag=os.path.basename(ck))
+    ema, _ = consolidated_ema(ck)
+    return {"weights": weights, "moments": moments, "steps": steps, "ema": ema}
+
+
+@pytest.mark.parametrize("source,nprocs,ds_config", LAYOUT_CHANGES[:1] + LAYOUT_CHANGES[2:])
+def test_a_layout_change_loads_exactly_what_was_saved(references, demo_root, tmp_path, source, nprocs, ds_config):
+    """The resume path of a real launch (tests/elastic_check.py: Trainer.setup on the new layout), then every full
+    fp32 weight, AdamW moment and step, EMA tensor and the LR position gathered back: equal to the checkpoint's own
+    files bit for bit."""
+    run = _from_step(references[source], str(tmp_path / "run"))
+    out = str(tmp_path / "loaded.pt")
+    args = [os.path.join(REPO, "tests", "elastic_check.py"), "--config", os.path.join(REPO, "configs", "tiny.yaml"),
+            "--ds_config", ds_config, "--out", out, *_over(demo_root, run)]
+    cmd = [sys.executable, *args] if nprocs == 1 else \
+        ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and os.path.exists(out), (proc.stdout + proc.stderr)[-4000:]
+    assert f"resumed from {run}/checkpoints/step{AT:08d} at step {AT}" in proc.stdout
+    loaded = torch.load(out, map_location="cpu", weights_only=True)
+    saved = _saved_state(os.path.join(run, "checkpoints", f"step{AT:08d}"))
+    trained = set(saved["moments"])
+    assert set(loaded["params"]) == trained == set(saved["weights"]) - {"pos_embed"}  # the sin-cos table is fixed
+    for name, got in loaded["params"].items():
+        assert torch.equal(got["fp32"].reshape(-1), saved["weights"][name].float().reshape(-1)), (name, "fp32")
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got[k].reshape(-1), saved["moments"][name][k].reshape(-1)), (name, k)
+    assert set(saved["steps"]) == {float(AT)} and loaded["steps"] and set(loaded["steps"]) == {float(AT)}
+    assert set(loaded["ema"]) == set(saved["ema"]) == trained
+    for name, got in loaded["ema"].items():
+        assert torch.equal(got.reshape(-1), saved["ema"][name].float().reshape(-1)), (name, "ema")
+    assert (loaded["step"], loaded["lr_last_step"], loaded["global_steps"], loaded["skipped_steps"]) == (AT, AT, AT, 0)
+    assert loaded["global_samples"] == AT * 8
+    if source == "zero3":  # the consolidated archive of a ZeRO-3 run (its conversion gets step.pt from the global state)
+        archive_path = str(tmp_path / "archive.pt")
+        proc = subprocess.run([sys.executable, "-m", "trainer.convert", run, "--archive", archive_path], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        archive = torch.load(archive_path, map_location="cpu", weights_only=True)
+        assert archive["adam_step"] == AT and set(archive["weights"]) == trained
+        for name, w in archive["weights"].items():
+            assert torch.equal(w.reshape(-1), saved["weights"][name].float().reshape(-1)), name
+            assert torch.equal(archive["exp_avg_sq"][name].reshape(-1), saved["moments"][name]["exp_avg_sq"]), name
 
 
 def test_the_conversion_is_bit_exact_and_a_killed_conversion_leaves_the_original_usable(references, tmp_path):
@@ -128,13 +214,17 @@ def test_tensor_parallel_and_moe_layout_changes_are_refused_before_start():
     assert resume_mode(base, dict(base, data=4, world=4)) == ("universal", None)
     assert resume_mode(base, dict(base, zero_stage=1)) == ("native", None)
     assert resume_mode(base, dict(base, zero_stage=1, data=1, world=1)) == ("universal", None)
-    mode, why = resume_mode(dict(base, zero_stage=3), dict(base, zero_stage=3, data=1, world=1))
-    assert mode == "refused" and "under ZeRO-3" in why and "drift" in why
-    for saved_stage, new_stage in ((2, 3), (3, 2), (3, 1)):
-        mode, why = resume_mode(dict(base, zero_stage=saved_stage), dict(base, zero_stage=new_stage))
-        assert mode == "refused" and f"ZeRO stage {saved_stage} -> {new_stage}" in why and "formats" in why
+    # ZeRO-3: another data-parallel size, and either way between the ZeRO families, go through the conversion
+    assert resume_mode(dict(base, zero_stage=3), dict(base, zero_stage=3, data=1, world=1)) == ("universal", None)
+    for saved_stage, new_stage in ((2, 3), (3, 2), (3, 1), (1, 3)):
+        assert resume_mode(dict(base, zero_stage=saved_stage), dict(base, zero_stage=new_stage)) == ("universal", None)
+    assert resume_mode(dict(base, zero_stage=3), dict(base, zero_stage=3)) == ("native", None)
+    mode, why = resume_mode(dict(base, zero_stage=0), dict(base, zero_stage=0, data=1, world=1))
+    assert mode == "refused" and "ZeRO-1/2/3 only" in why
     mode, why = resume_mode(base, dict(base, tensor=2, data=1))
     assert mode == "refused" and "tensor-parallel size 1 -> 2" in why and "not implemented" in why
     assert resume_mode(dict(base, tensor=2, data=1), dict(base, tensor=2, data=1, zero_stage=1)) == ("native", None)
     mode, why = resume_mode(base, dict(base, data=1, world=1), moe=True)
     assert mode == "refused" and "MoE" in why
+    mode, why = resume_mode(base, dict(base, zero_stage=3), moe=True)
+    assert mode == "refused" and "ZeRO stage 2 -> 3" in why and "MoE" in why

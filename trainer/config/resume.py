@@ -8,11 +8,13 @@ silently loading partitions into the wrong ranks).
 
 What resumes as is ("native"): the same data/tensor/pipeline/expert sizes, and ZeRO-1 <-> ZeRO-2 with or without
 optimizer offload (the same flat partitions per rank). What resumes through a one-time conversion ("universal",
-trainer/state/convert.py): any data-parallel size within ZeRO-1/2, with or without optimizer offload, for data-parallel layouts of a dense model (tensor = pipeline = expert = 1 before and after). ZeRO-1/2 <->
-ZeRO-3 is refused (DeepSpeed 0.19 writes the two families' universal optimizer state in different formats), and so
-is a data-parallel change under ZeRO-3 (it loads, but the continued losses drift; see docs/parallelism.md). Tensor/pipeline/expert-size
-changes, and any layout change of a tensor/pipeline-parallel or MoE run, are refused: their files hold fairscale
-slices, pipeline-stage names or DeepSpeed-MoE expert files that the conversion does not cover yet.
+trainer/state/convert.py, loaded by trainer/state/elastic.py): any other ZeRO-1/2/3 stage and data-parallel size,
+with or without offload, for data-parallel layouts of a dense model (tensor = pipeline = expert = 1 before and
+after): a data-parallel size change within ZeRO-1/2 or within ZeRO-3, and ZeRO-1/2 <-> ZeRO-3. The conversion's
+per-parameter tensors do not depend on the layout, and they are loaded through DeepSpeed's tensor-fragment API, not
+its universal loaders (whose global optimizer-state formats differ between the two ZeRO families). Tensor/pipeline/
+expert-size changes, and any layout change of a tensor/pipeline-parallel or MoE run, are refused: their files hold
+fairscale slices, pipeline-stage names or DeepSpeed-MoE expert files that the conversion does not cover yet.
 A changed global batch resumes only with ``train.allow_batch_change=true``; the run then continues at the saved
 sample position (the elastic stream's position, not a batch count).
 
@@ -77,16 +79,9 @@ def resume_mode(saved: dict, current: dict, moe: bool = False) -> tuple[str, Opt
                                                                 f"{current.get('zero_stage')}"
         why = "an MoE model" if moe else f"{'/'.join(model_parallel)} parallelism"
         return "refused", f"{what}, with {why}: a layout conversion for it is not implemented yet"
-    family = {1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
-    if family.get(saved.get("zero_stage")) != family.get(current.get("zero_stage")):
-        return "refused", (f"ZeRO stage {saved.get('zero_stage')} -> {current.get('zero_stage')}: DeepSpeed 0.19's "
-                           f"universal checkpoint keeps ZeRO-1/2 and ZeRO-3 optimizer state in different global formats, "
-                           f"and a conversion between them is not implemented yet (data-parallel size changes within "
-                           f"ZeRO-1/2 are)")
-    if 3 in (saved.get("zero_stage"), current.get("zero_stage")):
-        return "refused", ("a data-parallel size change under ZeRO-3: DeepSpeed's universal loader restores it, but the "
-                           "resumed losses drift from the uninterrupted run's (5e-4 relative by the 3rd step in "
-                           "tests), so it is refused until that is understood")
+    if 0 in (saved.get("zero_stage"), current.get("zero_stage")):
+        return "refused", (f"ZeRO stage {saved.get('zero_stage')} -> {current.get('zero_stage')} with data-parallel size "
+                           f"{saved.get('data')} -> {current.get('data')}: the layout conversion covers ZeRO-1/2/3 only")
     return "universal", None
 
 

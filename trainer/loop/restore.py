@@ -15,8 +15,8 @@ from trainer.state import checkpoint as ckpt
 
 def restore_checkpoint(trainer, path: str) -> ckpt.TrainerState:
     """Collective: engine (weights, optimizer, LR schedule), EMA and RNGs of ``trainer`` from checkpoint ``path``;
-    returns its trainer state. A checkpoint of another data-parallel size goes through DeepSpeed's universal
-    checkpoint (converted once, on rank 0); a layout the conversion cannot bridge is refused with the reason."""
+    returns its trainer state. A checkpoint of another data-parallel size or ZeRO family goes through DeepSpeed's
+    universal checkpoint (converted once, on rank 0); a layout the conversion cannot bridge is refused with the reason."""
     saved = ckpt.read_trainer_state(path)
     ckpt.check_model_config(saved.model_config, trainer.arch)
     stage = trainer._stage_for_state(saved)
@@ -42,23 +42,18 @@ def load_converted(engine, ema, checkpoint: str, rank: int) -> None:
     """Collective: resume ``checkpoint`` under another data-parallel size or ZeRO stage (trainer/state/convert.py).
 
     Rank 0 converts it once (atomically, beside the original) while the others wait; every rank then loads its
-    new partitions through DeepSpeed's universal loader and its EMA slice from the consolidated EMA."""
+    new partitions of the per-parameter tensors through DeepSpeed's tensor-fragment API (trainer/state/elastic.py:
+    the same for ZeRO-1, 2 and 3, whichever family wrote it) and its EMA slice from the consolidated EMA."""
     from trainer.engine.distributed import barrier
     from trainer.state.consolidate import consolidated_ema
     from trainer.state.convert import ensure_universal, universal_path
+    from trainer.state.elastic import load_universal
 
     if rank == 0:
         out, seconds = ensure_universal(checkpoint)
         print(f"[trainer] {checkpoint} converted for a new layout in {seconds:.1f} s ({out})"
               if seconds else f"[trainer] using the existing conversion {out}", flush=True)
     barrier()
-    universal = universal_path(checkpoint)
-    engine._config.load_universal_checkpoint = True  # only for this load: later loads (rollbacks) are native
-    try:
-        load_path, _ = engine.load_checkpoint(os.path.dirname(universal), tag=os.path.basename(universal))
-    finally:
-        engine._config.load_universal_checkpoint = False
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    load_universal(engine, universal_path(checkpoint))
     tensors, _ = consolidated_ema(checkpoint)
     ema.load_full(tensors)

@@ -1,10 +1,14 @@
 """Moving a checkpoint to another parallel layout: DeepSpeed's universal checkpoint for data-parallel layouts.
 
 A DeepSpeed ZeRO checkpoint holds each rank's flat partition of the fp32 weights and AdamW moments, so it loads only
-on the data-parallel size and ZeRO stage it was written with. DeepSpeed's universal checkpoint
+on the data-parallel size and ZeRO family it was written with. DeepSpeed's universal checkpoint
 (``deepspeed.checkpoint.ds_to_universal``) re-cuts those partitions into one folder per parameter
-(``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``) that any ZeRO-1/2/3 engine of any data-parallel size loads with
-``"checkpoint": {"load_universal": true}``. Here that conversion is
+(``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``, full unpartitioned tensors; DeepSpeed 0.19 writes ``step.pt`` for
+ZeRO-1/2 sources only and keeps a ZeRO-3 source's AdamW step in ``zero/optimizer_state.pt``, so the conversion adds
+the missing ``step.pt`` files from there). Those folders are the same whichever ZeRO-1/2/3 layout wrote them, and
+trainer/state/elastic.py loads them into an engine of any ZeRO stage and data-parallel size through DeepSpeed's
+tensor-fragment API (DeepSpeed's own universal loaders are not used: their global optimizer-state formats differ
+between ZeRO-1/2 and ZeRO-3). Here the conversion is
 
 * done once per checkpoint, into ``checkpoints/universal-stepNNNNNNNN/`` beside the original;
 * atomic: written under ``.tmp-universal-stepNNNNNNNN`` and renamed after its own ``COMPLETE.json`` (sizes and
@@ -17,7 +21,8 @@ The EMA is not part of DeepSpeed's state: ``consolidated_ema`` (trainer/state/co
 EMA from any layout's files, and ``EMA.load_full`` cuts it for the new layout.
 
 Not covered (refused before start by trainer/config/resume.py): tensor/pipeline parallel layouts (their files hold
-fairscale slices and pipeline-stage names that DeepSpeed's converter does not know) and DeepSpeed-MoE expert files.
+fairscale slices and pipeline-stage names that DeepSpeed's converter does not know), DeepSpeed-MoE expert files, and
+ZeRO-0.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
     stray = os.path.join(parent, "latest_universal")  # the converter's pointer file; we use our own names
     if os.path.isfile(stray):
         os.unlink(stray)
+    add_missing_steps(tmp)
     for name in ("trainer_state.json",):  # the run's own state travels with the conversion
         shutil.copy2(os.path.join(checkpoint, name), os.path.join(tmp, name))
     # DeepSpeed reads only metadata from the model-states file of a universal checkpoint (LR scheduler, step and
@@ -75,6 +81,35 @@ def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
     integrity.write_manifest(tmp, sizes, {rel: integrity.file_digest(os.path.join(tmp, rel)) for rel in sizes})
     os.rename(tmp, out)
     return out, time.perf_counter() - started
+
+
+def global_adam_step(universal: str):
+    """The AdamW step count in a conversion's global ``zero/optimizer_state.pt`` (where a ZeRO-3 source keeps it);
+    one value (every parameter group steps together). A weights-only load with DeepSpeed's two classes allowed."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        sd = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), map_location="cpu", weights_only=True)
+    steps = {float(s["step"]) for s in sd.get("optimizer_state_dict", {}).get("state", {}).values() if "step" in s}
+    if len(steps) != 1:
+        raise RuntimeError(f"{universal}: expected one AdamW step count in zero/optimizer_state.pt, found {sorted(steps)}")
+    return torch.tensor(steps.pop(), dtype=torch.float32)
+
+
+def add_missing_steps(universal: str) -> int:
+    """Write ``step.pt`` into every trained parameter's folder that lacks it (ZeRO-3 sources); returns how many."""
+    import torch
+
+    root = os.path.join(universal, "zero")
+    missing = [n for n in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, n, "exp_avg.pt"))
+               and not os.path.exists(os.path.join(root, n, "step.pt"))]
+    if missing:
+        step = global_adam_step(universal)
+        for name in missing:
+            torch.save(step.clone(), os.path.join(root, name, "step.pt"))
+    return len(missing)
 
 
 def universal_state(universal: str) -> dict:
