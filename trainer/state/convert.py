@@ -112,21 +112,26 @@ def add_missing_steps(universal: str) -> int:
     return len(missing)
 
 
-def universal_state(universal: str) -> dict:
-    """name -> {"fp32", "exp_avg", "exp_avg_sq", "step"} tensors of a universal checkpoint (weights_only loads)."""
+def universal_names(universal: str) -> list[str]:
+    """The parameter names of a universal checkpoint (one folder each under ``zero/``)."""
+    root = os.path.join(universal, "zero")
+    return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+
+
+def parameter_state(universal: str, name: str, keys=("fp32", "exp_avg", "exp_avg_sq", "step")) -> dict:
+    """{key: tensor} of one parameter of a universal checkpoint (weights_only loads; missing files left out)."""
     import torch
 
-    root = os.path.join(universal, "zero")
-    out = {}
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if not os.path.isdir(folder):
-            continue
-        entry = {}
-        for key in ("fp32", "exp_avg", "exp_avg_sq", "step"):
-            path = os.path.join(folder, f"{key}.pt")
-            if os.path.exists(path):
-                value = torch.load(path, map_location="cpu", weights_only=True)
-                entry[key] = value["param"] if isinstance(value, dict) and "param" in value else value
-        out[name] = entry
-    return out
+    entry = {}
+    for key in keys:
+        path = os.path.join(universal, "zero", name, f"{key}.pt")
+        if os.path.exists(path):
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            entry[key] = value["param"] if isinstance(value, dict) and "param" in value else value
+    return entry
+
+
+def universal_state(universal: str) -> dict:
+    """name -> {"fp32", "exp_avg", "exp_avg_sq", "step"} tensors of a whole universal checkpoint (for archives and
+    checks; a resume reads one parameter at a time through ``parameter_state``)."""
+    return {name: parameter_state(universal, name) for name in universal_names(universal)}

@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from trainer.state.convert import MODEL_STATES, global_adam_step, universal_state
+from trainer.state.convert import MODEL_STATES, global_adam_step, parameter_state, universal_names
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -128,8 +128,9 @@ def load_universal(engine, universal: str) -> None:
     universal checkpoint folder ``universal`` (written under any ZeRO stage and data-parallel size)."""
     optimizer = engine.optimizer
     zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
-    state = {_name(k): v for k, v in universal_state(universal).items()}
-    step = adam_step(universal, state)
+    # one parameter in host memory at a time: the whole state of DiT-XL/2 is 8 GB, on each of a node's ranks
+    names = {_name(n): n for n in universal_names(universal)}
+    step = adam_step(universal, {k: parameter_state(universal, n, ("step",)) for k, n in names.items()})
     meta_file = next(os.path.join(universal, n) for n in MODEL_STATES if os.path.isfile(os.path.join(universal, n)))
     meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     if zero3:
@@ -139,13 +140,14 @@ def load_universal(engine, universal: str) -> None:
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue  # frozen tensors (the fixed sin-cos table) are rebuilt by the model, not trained
-        entry = state.get(_name(name))
+        entry = parameter_state(universal, names[_name(name)], ("fp32", *MOMENTS)) if _name(name) in names else None
         if entry is None or any(k not in entry for k in ("fp32", *MOMENTS)):
             raise RuntimeError(f"{universal} has no complete state for parameter {name}")
         values = {k: entry[k].float() for k in ("fp32", *MOMENTS)}
         _set_stage3(optimizer, param, values) if zero3 else _set_stage1_2(param, values)
         loaded.add(_name(name))
-    extra = sorted(n for n, e in state.items() if n not in loaded and "exp_avg" in e)
+    extra = sorted(n for n, folder in names.items()
+                   if n not in loaded and os.path.exists(os.path.join(universal, "zero", folder, "exp_avg.pt")))
     if extra:
         raise RuntimeError(f"{universal} holds trained parameters this model lacks: {extra[:5]}")
     if zero3:
