@@ -5,7 +5,8 @@
 
 Every rank builds the Trainer and runs its ``setup`` (lease, engine, resume through trainer/loop/restore.py: the
 path a real launch takes), then gathers the full fp32 weights and AdamW moments through DeepSpeed's
-``safe_get_full_*`` (trainer/state/elastic.py ``full_state``), every flat partition's AdamW step, the full EMA, the
+``safe_get_full_*`` under official names, tensor slices merged (trainer/state/elastic.py ``gathered_state``), every
+rank's flat partitions' AdamW steps, the full EMA, the
 LR schedule position and the engine's counters; rank 0 writes them with ``torch.save`` (tensors and plain types only).
 No training step is taken.
 """
@@ -37,7 +38,7 @@ def main() -> int:
     from trainer.config.validate import validate_run
     from trainer.engine.distributed import init_distributed, prepare_env, world_size_from_env
     from trainer.loop.trainer import Trainer
-    from trainer.state.elastic import full_state
+    from trainer.state.elastic import gathered_state
 
     prepare_env()
     cfg = load_config(args.config, args.overrides)
@@ -47,7 +48,8 @@ def main() -> int:
     device = init_distributed()
     trainer = Trainer(cfg, ds, stages, shard_sets, topo, device)
     trainer.setup()
-    state = full_state(trainer.engine)
+    par = trainer.par
+    state = gathered_state(trainer.engine, par.name_map, par.split, par.layout())
     ema = trainer.ema.full_tensors(dst=0)
     engine = trainer.engine
     if dist.get_rank() == 0:

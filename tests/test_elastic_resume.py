@@ -206,7 +206,7 @@ def test_the_conversion_is_bit_exact_and_a_killed_conversion_leaves_the_original
         assert torch.equal(archive["exp_avg"][name].reshape(-1), state[name]["exp_avg"].reshape(-1)), name
 
 
-def test_tensor_parallel_and_moe_layout_changes_are_refused_before_start():
+def test_which_layout_changes_convert_and_which_are_refused():
     from trainer.config.resume import resume_mode
 
     base = {"world": 2, "data": 2, "tensor": 1, "pipeline": 1, "expert": 1, "zero_stage": 2,
@@ -221,10 +221,12 @@ def test_tensor_parallel_and_moe_layout_changes_are_refused_before_start():
     assert resume_mode(dict(base, zero_stage=3), dict(base, zero_stage=3)) == ("native", None)
     mode, why = resume_mode(dict(base, zero_stage=0), dict(base, zero_stage=0, data=1, world=1))
     assert mode == "refused" and "ZeRO-1/2/3 only" in why
-    mode, why = resume_mode(base, dict(base, tensor=2, data=1))
-    assert mode == "refused" and "tensor-parallel size 1 -> 2" in why and "not implemented" in why
+    # tensor/pipeline/expert sizes and MoE: our own conversion (trainer/state/reshard.py), any direction
+    assert resume_mode(base, dict(base, tensor=2, data=1)) == ("universal", None)
+    assert resume_mode(dict(base, tensor=2, data=1), dict(base, zero_stage=1)) == ("universal", None)
+    assert resume_mode(dict(base, zero_stage=1), dict(base, zero_stage=1, pipeline=2, data=1)) == ("universal", None)
     assert resume_mode(dict(base, tensor=2, data=1), dict(base, tensor=2, data=1, zero_stage=1)) == ("native", None)
-    mode, why = resume_mode(base, dict(base, data=1, world=1), moe=True)
-    assert mode == "refused" and "MoE" in why
-    mode, why = resume_mode(base, dict(base, zero_stage=3), moe=True)
-    assert mode == "refused" and "ZeRO stage 2 -> 3" in why and "MoE" in why
+    assert resume_mode(base, dict(base, expert=2), moe=True) == ("universal", None)
+    assert resume_mode(base, dict(base, data=1, world=1), moe=True) == ("universal", None)
+    mode, why = resume_mode(dict(base, zero_stage=0, pipeline=2, data=1), dict(base, zero_stage=1))
+    assert mode == "refused" and "ZeRO stage 0 -> 1" in why and "pipeline-parallel size 2 -> 1" in why

@@ -60,15 +60,25 @@ def test_three_epochs_and_a_mid_epoch_resume_are_exact(small_root, tmp_path):
 
 
 def test_a_layout_the_checkpoint_cannot_load_is_refused_before_the_process_group(demo_root, tmp_path):
+    """A tensor-parallel checkpoint without its optimizer maps (as versions before model-parallel conversion wrote
+    them) cannot move to another layout: refused in seconds, naming both layouts, before any process group."""
+    import glob
+
     run = str(tmp_path / "run")
-    run_training(1, _over(demo_root, run, "checkpoint.every=4", "train.max_steps=4"), launcher="python")
-    proc = run_training(2, _over(demo_root, run, "parallel.tensor=2"), ds_config="zero1.json", check=False)
+    run_training(2, _over(demo_root, run, "checkpoint.every=4", "train.max_steps=4", "parallel.tensor=2"),
+                 ds_config="zero1.json")
+    maps = glob.glob(os.path.join(run, "checkpoints", "step00000004", "optim_map_rank*.json"))
+    assert len(maps) == 2
+    for path in maps:
+        os.unlink(path)
+    proc = run_training(1, _over(demo_root, run), launcher="python", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and f"error: cannot resume {run}/checkpoints/step00000004" in out, out[-3000:]
-    assert "written under world 1 (data 1 x tensor 1 x pipeline 1, expert 1), ZeRO-2" in out
-    assert "this launch is world 2 (data 1 x tensor 2 x pipeline 1, expert 1), ZeRO-1" in out
-    assert "tensor-parallel size 1 -> 2" in out and "not implemented yet" in out
-    assert "TorchBackend" not in out  # refused before any rank started a process group
+    assert proc.returncode == EXIT_CONFIG_ERROR and f"error: cannot resume {run}/checkpoints/step00000004" in out, \
+        out[-3000:]
+    assert "written under world 2 (data 1 x tensor 2 x pipeline 1, expert 1), ZeRO-1" in out
+    assert "this launch is world 1 (data 1 x tensor 1 x pipeline 1, expert 1), ZeRO-2" in out
+    assert "has no optim_map_rank00000.json" in out
+    assert "TorchBackend" not in out and "[trainer] took over" not in out  # refused before anything started
 
 
 def test_a_changed_global_batch_needs_the_key_and_continues_at_the_sample_position(demo_root, tmp_path):

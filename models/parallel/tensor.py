@@ -150,6 +150,17 @@ def tensor_parallelize(model: nn.Module, rank: int, size: int) -> dict:
     return spec
 
 
+def slice_tensor(full: torch.Tensor, how, rank: int, size: int) -> torch.Tensor:
+    """This tensor rank's slice of an official (full) tensor split as ``how`` ("qkv", 0 or 1; None: replicated).
+
+    The cut ``tensor_parallelize`` makes, for loading a checkpoint written under another tensor-parallel size."""
+    if how is None or size == 1:
+        return full
+    if how == QKV:
+        return slice_qkv(full, rank, size)
+    return full.chunk(size, dim=int(how))[rank]
+
+
 def merge_tensor_slices(slices: list[torch.Tensor], how) -> torch.Tensor:
     """Inverse of the split: slices in tensor-rank order -> the full tensor."""
     if how is None:

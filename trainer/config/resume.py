@@ -7,14 +7,14 @@ saved layout and the requested one, instead of failing inside ``engine.load_chec
 silently loading partitions into the wrong ranks).
 
 What resumes as is ("native"): the same data/tensor/pipeline/expert sizes, and ZeRO-1 <-> ZeRO-2 with or without
-optimizer offload (the same flat partitions per rank). What resumes through a one-time conversion ("universal",
-trainer/state/convert.py, loaded by trainer/state/elastic.py): any other ZeRO-1/2/3 stage and data-parallel size,
-with or without offload, for data-parallel layouts of a dense model (tensor = pipeline = expert = 1 before and
-after): a data-parallel size change within ZeRO-1/2 or within ZeRO-3, and ZeRO-1/2 <-> ZeRO-3. The conversion's
-per-parameter tensors do not depend on the layout, and they are loaded through DeepSpeed's tensor-fragment API, not
-its universal loaders (whose global optimizer-state formats differ between the two ZeRO families). Tensor/pipeline/
-expert-size changes, and any layout change of a tensor/pipeline-parallel or MoE run, are refused: their files hold
-fairscale slices, pipeline-stage names or DeepSpeed-MoE expert files that the conversion does not cover yet.
+optimizer offload (the same flat partitions per rank). Everything else between ZeRO-1/2/3 layouts resumes through a
+one-time conversion ("universal") into one folder per parameter under official DiT names, which do not depend on the
+layout: DeepSpeed's converter for data-parallel runs (trainer/state/convert.py), our own for tensor/pipeline/expert-
+parallel and MoE runs (trainer/state/reshard.py, from the optimizer maps their checkpoints carry); either is loaded
+into the new layout through DeepSpeed's tensor-fragment API (trainer/state/elastic.py), cut for the new tensor rank,
+pipeline stage or experts. Data-parallel size, ZeRO stage, tensor size, pipeline stages and expert size may all change
+at once. Refused: ZeRO-0 on either side (its plain torch optimizer state is not converted), and a model-parallel
+checkpoint written before the optimizer maps existed.
 A changed global batch resumes only with ``train.allow_batch_change=true``; the run then continues at the saved
 sample position (the elastic stream's position, not a batch count).
 
@@ -31,6 +31,7 @@ from trainer.config.topology import Topology
 from trainer.rundir import CHECKPOINT_COMPLETE, checkpoints_dir, read_json
 
 SIZE_KEYS = ("data", "tensor", "pipeline", "expert")
+OPTIMIZER_MAP = "optim_map_rank00000.json"  # rank 0's map of a model-parallel checkpoint (trainer/engine/parallelize.py)
 
 
 def layout_record(topo: Topology, ds: dict, stage: Stage) -> dict:
@@ -66,23 +67,25 @@ def newest_checkpoint_state(run_dir: str) -> tuple[Optional[str], Optional[dict]
 
 def resume_mode(saved: dict, current: dict, moe: bool = False) -> tuple[str, Optional[str]]:
     """("native" | "universal", None) when a checkpoint written under ``saved`` loads under ``current``,
-    ("refused", why) when it cannot."""
+    ("refused", why) when it cannot. ``moe``: an MoE model (its expert partitions always convert through
+    trainer/state/reshard.py; DeepSpeed's own converter does not cover MoE)."""
     native = all(saved.get(k) == current.get(k) for k in SIZE_KEYS) and \
         (saved.get("zero_stage") == current.get("zero_stage") or {saved.get("zero_stage"), current.get("zero_stage")} <= {1, 2}) \
         and saved.get("offload_param") == current.get("offload_param")
     if native:
         return "native", None
-    model_parallel = [k for k in ("tensor", "pipeline", "expert") if saved.get(k, 1) != 1 or current.get(k, 1) != 1]
-    if model_parallel or moe:
-        what = ", ".join(f"{k}-parallel size {saved.get(k)} -> {current.get(k)}" for k in SIZE_KEYS
-                         if saved.get(k) != current.get(k)) or f"ZeRO stage {saved.get('zero_stage')} -> " \
-                                                                f"{current.get('zero_stage')}"
-        why = "an MoE model" if moe else f"{'/'.join(model_parallel)} parallelism"
-        return "refused", f"{what}, with {why}: a layout conversion for it is not implemented yet"
     if 0 in (saved.get("zero_stage"), current.get("zero_stage")):
-        return "refused", (f"ZeRO stage {saved.get('zero_stage')} -> {current.get('zero_stage')} with data-parallel size "
-                           f"{saved.get('data')} -> {current.get('data')}: the layout conversion covers ZeRO-1/2/3 only")
+        what = ", ".join(f"{k}-parallel size {saved.get(k)} -> {current.get(k)}" for k in SIZE_KEYS
+                         if saved.get(k) != current.get(k))
+        return "refused", (f"ZeRO stage {saved.get('zero_stage')} -> {current.get('zero_stage')}"
+                           f"{' with ' + what if what else ''}: the layout conversion covers ZeRO-1/2/3 only (ZeRO-0 "
+                           f"keeps a plain torch optimizer state per model-parallel rank that it does not read)")
     return "universal", None
+
+
+def model_parallel(layout: dict, moe: bool = False) -> bool:
+    """Checkpoints of these layouts convert through trainer/state/reshard.py (it needs their optimizer maps)."""
+    return moe or any(int(layout.get(k, 1) or 1) > 1 for k in ("tensor", "pipeline", "expert"))
 
 
 def check_resume_layout(cfg: RunConfig, stages: list[Stage], topo: Topology, ds: dict) -> Optional[str]:
@@ -99,6 +102,12 @@ def check_resume_layout(cfg: RunConfig, stages: list[Stage], topo: Topology, ds:
             f"cannot resume {path}: it was written under {describe(saved)}; this launch is {describe(current)} "
             f"({problem}). Relaunch with the saved layout, or start a new run.dir with checkpoint.init_from={path} "
             f"(weights only; optimizer and data position start fresh).")
+    moe = cfg.model.moe.num_experts > 0
+    if mode == "universal" and model_parallel(saved, moe) and not os.path.isfile(os.path.join(path, OPTIMIZER_MAP)):
+        raise ConfigError(
+            f"cannot resume {path} under another layout: it was written under {describe(saved)}, this launch is "
+            f"{describe(current)}, and the checkpoint has no {OPTIMIZER_MAP} (written by versions before model-parallel "
+            f"layout conversion existed). Relaunch with the saved layout once; its next checkpoint converts.")
     if saved.get("global_batch") != current["global_batch"] and not cfg.train.allow_batch_change:
         raise ConfigError(
             f"cannot resume {path}: stage {state.get('stage', 0)} was trained with global batch "

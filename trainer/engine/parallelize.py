@@ -18,6 +18,7 @@ so every layout starts from the single-process weights exactly.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,6 +30,9 @@ from models.args import DiTArgs
 from trainer.engine.mpu import ModelParallelUnit
 from trainer.engine.pipeline import PipelineLoss, pipeline_module_class
 from trainer.config.topology import Coords, Topology
+
+# Written by every rank of a tensor/pipeline/expert-parallel ZeRO-1/2 checkpoint (ParallelEngine.optimizer_map).
+OPTIMIZER_MAP = "optim_map_rank{rank:05d}.json"
 
 
 @dataclass
@@ -77,6 +81,9 @@ class ParallelEngine:
         Model-parallel layouts: data-rank-0 ranks write their slices under official names. ZeRO-3 keeps no full
         weights anywhere: every rank writes its fp32 partition of each parameter, which trainer/state/consolidate.py
         concatenates like the EMA's, instead of DeepSpeed's zero_to_fp32 (which unpickles its optimizer files)."""
+        if self.model_parallel and self.engine.zero_optimization_stage() in (1, 2):
+            with open(os.path.join(tmp_path, OPTIMIZER_MAP.format(rank=dist.get_rank())), "w") as f:
+                json.dump(self.optimizer_map(tmp_path), f)
         if self.model_parallel and self.coords.data == 0:
             torch.save(self.local_weights(), os.path.join(tmp_path, f"model_rank{dist.get_rank():05d}.pt"))
         elif not self.model_parallel and self.engine.zero_optimization_stage() == 3:
@@ -84,6 +91,22 @@ class ParallelEngine:
                        for n, p in self.engine.module.named_parameters() if p.requires_grad}
             torch.save({"sharded": True, "tensors": tensors},
                        os.path.join(tmp_path, f"weights_rank{dist.get_rank():05d}.pt"))
+
+
+    def optimizer_map(self, tmp_path: str) -> dict:
+        """What a layout conversion needs to read this rank's ZeRO-1/2 optimizer file without this engine
+        (trainer/state/reshard.py): the file's name, each parameter group's partition index and count (dense groups
+        are cut over the data-parallel group, expert groups over the expert-data-parallel group), and the local
+        parameter names with their official names, shapes and tensor-parallel split."""
+        opt = self.engine.optimizer
+        ckpt_file = self.engine._get_zero_ckpt_name(os.path.dirname(tmp_path), os.path.basename(tmp_path))
+        groups = [{"partition_index": dist.get_rank(group=opt.real_dp_process_group[g]),
+                   "partition_count": int(opt.partition_count[g])} for g in range(len(opt.bit16_groups))]
+        params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        return {"format": 1, "rank": dist.get_rank(), "optimizer_file": os.path.basename(ckpt_file),
+                "layout": self.layout(), "groups": groups,
+                "names": {n: self.name_map[n] for n in params}, "shapes": {n: list(p.shape) for n, p in params.items()},
+                "split": {self.name_map[n]: self.split[self.name_map[n]] for n in params if self.name_map[n] in self.split}}
 
 
 def _identity_name_map(module) -> dict:

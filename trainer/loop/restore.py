@@ -26,7 +26,7 @@ def restore_checkpoint(trainer, path: str) -> ckpt.TrainerState:
     if mode == "refused":
         raise RuntimeError(f"cannot resume {path} under this layout: {problem}")
     if mode == "universal":
-        load_converted(trainer.engine, trainer.ema, path, trainer.rank)
+        load_converted(trainer.par, trainer.ema, path, trainer.rank)
     else:
         load_path, _ = trainer.engine.load_checkpoint(trainer.ckpt_dir, tag=os.path.basename(path))
         if load_path is None:
@@ -38,22 +38,28 @@ def restore_checkpoint(trainer, path: str) -> ckpt.TrainerState:
     return saved
 
 
-def load_converted(engine, ema, checkpoint: str, rank: int) -> None:
-    """Collective: resume ``checkpoint`` under another data-parallel size or ZeRO stage (trainer/state/convert.py).
+def load_converted(par, ema, checkpoint: str, rank: int) -> None:
+    """Collective: resume ``checkpoint`` under another layout (trainer/state/convert.py, trainer/state/reshard.py).
 
-    Rank 0 converts it once (atomically, beside the original) while the others wait; every rank then loads its
-    new partitions of the per-parameter tensors through DeepSpeed's tensor-fragment API (trainer/state/elastic.py:
-    the same for ZeRO-1, 2 and 3, whichever family wrote it) and its EMA slice from the consolidated EMA."""
-    from trainer.engine.distributed import barrier
+    A data-parallel checkpoint is converted once by DeepSpeed's converter on rank 0 while the others wait; a
+    tensor/pipeline/expert-parallel one by every rank together (trainer/state/reshard.py). Either way the result is
+    one folder per parameter under official names, atomically published beside the original. Every rank then loads
+    its piece (its partition, tensor slice, pipeline stage or experts) through DeepSpeed's tensor-fragment API
+    (trainer/state/elastic.py: the same for ZeRO-1, 2 and 3) and its EMA slice from the consolidated EMA."""
+    from trainer.engine.distributed import barrier, world
     from trainer.state.consolidate import consolidated_ema
     from trainer.state.convert import ensure_universal, universal_path
     from trainer.state.elastic import load_universal
+    from trainer.state.reshard import ensure_resharded, rank_maps
 
-    if rank == 0:
+    if rank_maps(checkpoint):
+        out, seconds = ensure_resharded(checkpoint, rank, world())
+    elif rank == 0:
         out, seconds = ensure_universal(checkpoint)
+    if rank == 0:
         print(f"[trainer] {checkpoint} converted for a new layout in {seconds:.1f} s ({out})"
               if seconds else f"[trainer] using the existing conversion {out}", flush=True)
     barrier()
-    load_universal(engine, universal_path(checkpoint))
+    load_universal(par.engine, universal_path(checkpoint), par.name_map, par.split, par.coords.tensor, par.topo.tensor)
     tensors, _ = consolidated_ema(checkpoint)
     ema.load_full(tensors)

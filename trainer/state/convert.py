@@ -20,9 +20,10 @@ between ZeRO-1/2 and ZeRO-3). Here the conversion is
 The EMA is not part of DeepSpeed's state: ``consolidated_ema`` (trainer/state/consolidate.py) rebuilds the full
 EMA from any layout's files, and ``EMA.load_full`` cuts it for the new layout.
 
-Not covered (refused before start by trainer/config/resume.py): tensor/pipeline parallel layouts (their files hold
-fairscale slices and pipeline-stage names that DeepSpeed's converter does not know), DeepSpeed-MoE expert files, and
-ZeRO-0.
+Tensor/pipeline/expert-parallel checkpoints hold fairscale slices, pipeline-stage names and DeepSpeed-MoE expert
+partitions that DeepSpeed's converter does not know: trainer/state/reshard.py converts those into the same folders
+under official DiT names (``ensure_universal`` hands them over). ZeRO-0 checkpoints are not converted (refused before
+start by trainer/config/resume.py).
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def universal_path(checkpoint: str) -> str:
 
 def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
     """The verified universal conversion of ``checkpoint`` (made now if missing or broken); (path, seconds spent)."""
+    from trainer.state.reshard import ensure_resharded, rank_maps
+
+    if rank_maps(checkpoint):  # tensor/pipeline/expert-parallel: our own conversion (trainer/state/reshard.py)
+        return ensure_resharded(checkpoint)
     out = universal_path(checkpoint)
     if os.path.isdir(out) and integrity.check_sizes(out) is None and not integrity.check_hashes(out):
         return out, 0.0

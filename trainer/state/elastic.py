@@ -123,9 +123,16 @@ def _set_stage1_2(param, values: dict) -> None:
 
 
 @torch.no_grad()
-def load_universal(engine, universal: str) -> None:
+def load_universal(engine, universal: str, name_map: dict | None = None, split: dict | None = None,
+                   tensor_rank: int = 0, tensor_size: int = 1) -> None:
     """Collective: weights, AdamW moments and step, LR schedule position and engine counters of ``engine`` from the
-    universal checkpoint folder ``universal`` (written under any ZeRO stage and data-parallel size)."""
+    universal checkpoint folder ``universal`` (written under any layout; folders named by official DiT names).
+
+    Model-parallel engines: ``name_map`` (local parameter name -> official name: pipeline layer names, DeepSpeed-MoE
+    expert names) and ``split`` (official name -> how tensor ranks cut it) select and cut this rank's piece."""
+    from models.parallel.tensor import slice_tensor
+
+    name_map, split = name_map or {}, split or {}
     optimizer = engine.optimizer
     zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
     # one parameter in host memory at a time: the whole state of DiT-XL/2 is 8 GB, on each of a node's ranks
@@ -140,12 +147,15 @@ def load_universal(engine, universal: str) -> None:
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue  # frozen tensors (the fixed sin-cos table) are rebuilt by the model, not trained
-        entry = parameter_state(universal, names[_name(name)], ("fp32", *MOMENTS)) if _name(name) in names else None
+        official = _name(name_map.get(name, name))
+        entry = parameter_state(universal, names[official], ("fp32", *MOMENTS)) if official in names else None
         if entry is None or any(k not in entry for k in ("fp32", *MOMENTS)):
-            raise RuntimeError(f"{universal} has no complete state for parameter {name}")
-        values = {k: entry[k].float() for k in ("fp32", *MOMENTS)}
+            raise RuntimeError(f"{universal} has no complete state for parameter {official}")
+        values = {k: slice_tensor(entry[k].float(), split.get(official), tensor_rank, tensor_size)
+                  for k in ("fp32", *MOMENTS)}
         _set_stage3(optimizer, param, values) if zero3 else _set_stage1_2(param, values)
-        loaded.add(_name(name))
+        loaded.add(official)
+    loaded = _loaded_anywhere(loaded)
     extra = sorted(n for n, folder in names.items()
                    if n not in loaded and os.path.exists(os.path.join(universal, "zero", folder, "exp_avg.pt")))
     if extra:
@@ -163,11 +173,29 @@ def load_universal(engine, universal: str) -> None:
     engine.skipped_steps = int(meta["skipped_steps"])
 
 
+def _loaded_anywhere(loaded: set) -> set:
+    """The union of every rank's loaded names (pipeline stages and experts each load a part of the model)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return loaded
+    from trainer.engine.distributed import host_group
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sorted(loaded), group=host_group())
+    return set().union(*map(set, everyone))
+
+
 def full_state(engine) -> dict:
     """Collective: name -> {"fp32", "exp_avg", "exp_avg_sq"} full tensors as the engine holds them now, plus
     "step" (the AdamW step of every flat partition). For checks."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "bit16_groups") and not getattr(optimizer, "_hp_optimizer_states_linked", False):
+        for i, flat in enumerate(_flat_partitions(optimizer)):  # after a native load DeepSpeed links them lazily
+            lazy_init_hp_params_optimizer_state(optimizer.bit16_groups[i], flat, optimizer.optimizer.state)
+        optimizer._hp_optimizer_states_linked = True
     out = {}
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
@@ -176,3 +204,29 @@ def full_state(engine) -> dict:
                                 **{k: safe_get_full_optimizer_state(param, k).detach().cpu() for k in MOMENTS}}
     steps = [engine.optimizer.optimizer.state[f]["step"] for f in _flat_partitions(engine.optimizer)]
     return {"params": out, "steps": [float(s) for s in steps]}
+
+
+def gathered_state(engine, name_map: dict | None = None, split: dict | None = None, layout: dict | None = None) -> dict:
+    """Collective: ``full_state`` of a model-parallel engine under official names, tensor slices merged, on rank 0
+    (the others get {}); "steps" lists every rank's flat partitions' AdamW steps. For checks."""
+    import torch.distributed as dist
+
+    from trainer.state.parallel_ema import gather_full_state
+
+    local = full_state(engine)
+    name_map, split = name_map or {}, split or {}
+    official = {_name(name_map.get(n, n)): n for n in (k for k, p in engine.module.named_parameters() if p.requires_grad)}
+    out = {}
+    for key in ("fp32", *MOMENTS):
+        tensors = {o: local["params"][_name(n)][key].reshape(local["params"][_name(n)]["fp32"].shape)
+                   for o, n in official.items()}
+        merged, _ = gather_full_state({"layout": layout or {}, "split": {o: split[o] for o in tensors if o in split},
+                                       "tensors": tensors})
+        out[key] = merged
+    steps = [None] * dist.get_world_size() if dist.is_initialized() else [local["steps"]]
+    if dist.is_initialized():
+        dist.all_gather_object(steps, local["steps"])
+    if out["fp32"]:
+        return {"params": {n: {k: out[k][n] for k in out} for n in out["fp32"]},
+                "steps": [s for per_rank in steps for s in per_rank]}
+    return {}

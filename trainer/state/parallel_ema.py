@@ -36,6 +36,18 @@ class ParallelEMA(EMA):
     def local_state(self) -> dict:
         return {**super().local_state(), "layout": self.layout, "split": self.split}
 
+    @torch.no_grad()
+    def load_full(self, tensors: dict) -> None:
+        """Load a full EMA (official names, any layout's consolidation): this rank's tensors, cut for its tensor rank."""
+        from models.parallel.tensor import slice_tensor
+
+        missing = [n for n in self.official if n not in tensors]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        rank, size = self.layout.get("tensor", 0), self.layout.get("tensor_size", 1)
+        for n, s in zip(self.official, self.shadow):
+            s.copy_(slice_tensor(tensors[n].detach().float(), self.split.get(n), rank, size).view_as(s))
+
     def full_tensors(self, dst: int = 0) -> dict:
         """Collective: rank ``dst`` gets the merged official state dict (CPU), the others an empty dict."""
         out, self.last_gather = gather_full_state(self.local_state(), dst)

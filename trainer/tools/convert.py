@@ -1,11 +1,10 @@
 """``python -m trainer.convert RUN_OR_CHECKPOINT [--universal] [--archive OUT.pt]``: layout conversion by hand.
 
-``--universal`` makes (or verifies) the layout-independent copy a resume on another data-parallel size or ZeRO stage
-needs (trainer/state/convert.py), e.g. ahead of a large relaunch, so the job does not spend its first minutes on it.
+``--universal`` makes (or verifies) the layout-independent copy a resume on another layout needs (trainer/state/convert.py), e.g. ahead of a large relaunch, so the job does not spend its first minutes on it.
 ``--archive`` writes one consolidated fp32 file for archiving or for other tools: weights, AdamW moments and step
 per parameter under official DiT names, the EMA, the model's DiTArgs and the trainer state, loadable with
-``torch.load(path, weights_only=True)``. Data-parallel checkpoints only (tensor/pipeline/MoE: the weights and EMA
-export with ``python -m trainer.export``; their optimizer moments have no conversion yet).
+``torch.load(path, weights_only=True)``. Any layout: data-parallel checkpoints convert through DeepSpeed's converter,
+tensor/pipeline/expert-parallel and MoE ones through trainer/state/reshard.py (in this one process).
 """
 from __future__ import annotations
 
