@@ -31,7 +31,7 @@ from trainer.engine.mpu import ModelParallelUnit
 from trainer.engine.pipeline import PipelineLoss, pipeline_module_class
 from trainer.config.topology import Coords, Topology
 
-# Written by every rank of a tensor/pipeline/expert-parallel ZeRO-1/2 checkpoint (ParallelEngine.optimizer_map).
+# Written by every rank of a ZeRO-1/2 checkpoint (ParallelEngine.optimizer_map), read by trainer/state/reshard.py.
 OPTIMIZER_MAP = "optim_map_rank{rank:05d}.json"
 
 
@@ -76,12 +76,13 @@ class ParallelEngine:
                 "tensors": tensors}
 
     def save_extra(self, tmp_path: str) -> None:
-        """Checkpoint hook (every rank): the trained weights in a form export reads without unpickling.
+        """Checkpoint hook (every rank): the trained weights in a form export reads without unpickling, and under
+        ZeRO-1/2 the optimizer map a layout conversion reads (``optimizer_map``).
 
         Model-parallel layouts: data-rank-0 ranks write their slices under official names. ZeRO-3 keeps no full
         weights anywhere: every rank writes its fp32 partition of each parameter, which trainer/state/consolidate.py
         concatenates like the EMA's, instead of DeepSpeed's zero_to_fp32 (which unpickles its optimizer files)."""
-        if self.model_parallel and self.engine.zero_optimization_stage() in (1, 2):
+        if self.engine.zero_optimization_stage() in (1, 2):
             with open(os.path.join(tmp_path, OPTIMIZER_MAP.format(rank=dist.get_rank())), "w") as f:
                 json.dump(self.optimizer_map(tmp_path), f)
         if self.model_parallel and self.coords.data == 0:
@@ -91,7 +92,6 @@ class ParallelEngine:
                        for n, p in self.engine.module.named_parameters() if p.requires_grad}
             torch.save({"sharded": True, "tensors": tensors},
                        os.path.join(tmp_path, f"weights_rank{dist.get_rank():05d}.pt"))
-
 
     def optimizer_map(self, tmp_path: str) -> dict:
         """What a layout conversion needs to read this rank's ZeRO-1/2 optimizer file without this engine

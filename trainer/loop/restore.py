@@ -41,8 +41,9 @@ def restore_checkpoint(trainer, path: str) -> ckpt.TrainerState:
 def load_converted(par, ema, checkpoint: str, rank: int) -> None:
     """Collective: resume ``checkpoint`` under another layout (trainer/state/convert.py, trainer/state/reshard.py).
 
-    A data-parallel checkpoint is converted once by DeepSpeed's converter on rank 0 while the others wait; a
-    tensor/pipeline/expert-parallel one by every rank together (trainer/state/reshard.py). Either way the result is
+    A ZeRO-1/2 checkpoint (any layout) is converted by every rank together (trainer/state/reshard.py); a ZeRO-3 one,
+    or an older data-parallel one without optimizer maps, by DeepSpeed's converter on rank 0 while the others wait
+    (trainer/state/convert.py). Either way the result is
     one folder per parameter under official names, atomically published beside the original. Every rank then loads
     its piece (its partition, tensor slice, pipeline stage or experts) through DeepSpeed's tensor-fragment API
     (trainer/state/elastic.py: the same for ZeRO-1, 2 and 3) and its EMA slice from the consolidated EMA."""

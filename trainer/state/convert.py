@@ -20,9 +20,11 @@ between ZeRO-1/2 and ZeRO-3). Here the conversion is
 The EMA is not part of DeepSpeed's state: ``consolidated_ema`` (trainer/state/consolidate.py) rebuilds the full
 EMA from any layout's files, and ``EMA.load_full`` cuts it for the new layout.
 
-Tensor/pipeline/expert-parallel checkpoints hold fairscale slices, pipeline-stage names and DeepSpeed-MoE expert
-partitions that DeepSpeed's converter does not know: trainer/state/reshard.py converts those into the same folders
-under official DiT names (``ensure_universal`` hands them over). ZeRO-0 checkpoints are not converted (refused before
+ZeRO-1/2 checkpoints that carry optimizer maps (all written since model-parallel conversion exists) go to
+trainer/state/reshard.py instead (``ensure_universal`` hands them over): it also covers fairscale slices,
+pipeline-stage names and DeepSpeed-MoE expert partitions, which DeepSpeed's converter does not know, writes the same
+folders under official DiT names, and runs on every rank of a launch. This module's path remains for ZeRO-3
+checkpoints and older data-parallel ones. ZeRO-0 checkpoints are not converted (refused before
 start by trainer/config/resume.py).
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
     """The verified universal conversion of ``checkpoint`` (made now if missing or broken); (path, seconds spent)."""
     from trainer.state.reshard import ensure_resharded, rank_maps
 
-    if rank_maps(checkpoint):  # tensor/pipeline/expert-parallel: our own conversion (trainer/state/reshard.py)
+    if rank_maps(checkpoint):  # any ZeRO-1/2 checkpoint with optimizer maps: trainer/state/reshard.py, one process
         return ensure_resharded(checkpoint)
     out = universal_path(checkpoint)
     if os.path.isdir(out) and integrity.check_sizes(out) is None and not integrity.check_hashes(out):

@@ -1,9 +1,10 @@
-"""Re-cut a tensor/pipeline/expert-parallel ZeRO-1/2 checkpoint into per-parameter folders under official DiT names.
+"""Re-cut any ZeRO-1/2 checkpoint (data-, tensor-, pipeline-, expert-parallel) into per-parameter folders under
+official DiT names, on every rank of the resuming launch at once.
 
 DeepSpeed's converter (``ds_to_universal``) knows neither our fairscale tensor slices, nor the ``PipelineModule``'s
-layer-numbered names, nor DeepSpeed-MoE's expert files (DeepSpeed #5716). But every ZeRO-1/2 optimizer file carries
-``param_slice_mappings`` (per parameter group: local name -> offset and length of its fragment in this rank's flat
-fp32/AdamW partition), and every rank of a model-parallel checkpoint writes ``optim_map_rank*.json``
+layer-numbered names, nor DeepSpeed-MoE's expert files (DeepSpeed #5716), and runs on one rank. But every ZeRO-1/2
+optimizer file carries ``param_slice_mappings`` (per parameter group: local name -> offset and length of its fragment
+in this rank's flat fp32/AdamW partition), and every rank of a ZeRO-1/2 checkpoint writes ``optim_map_rank*.json``
 (trainer/engine/parallelize.py ``optimizer_map``): its optimizer file, each group's partition index (dense groups are
 cut over the data-parallel group, expert groups over the expert-data-parallel group) and its local names with their
 official names, shapes and tensor split. With those, the conversion is layout-free:
