@@ -95,6 +95,18 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def copy_until(src: str, dst: str, step: int) -> str:
+    """A copy of run ``src`` as it was right after its step-``step`` checkpoint (later checkpoints removed)."""
+    shutil.copytree(src, dst)
+    ck = os.path.join(dst, "checkpoints")
+    for name in os.listdir(ck):
+        if name.startswith("step") and int(name[4:]) > step:
+            shutil.rmtree(os.path.join(ck, name))
+    with open(os.path.join(ck, "latest"), "w") as f:
+        f.write(f"step{step:08d}\n")
+    return dst
+
+
 def resume_copy(src_checkpoint: str, run_dir: str, **state_changes) -> str:
     """A fresh run directory holding only ``src_checkpoint`` (as its newest), with ``trainer_state.json`` fields
     changed (e.g. ``data_position``: the run resumed there skips the samples in between) and COMPLETE.json re-sealed,

@@ -11,14 +11,13 @@ counters), gathered under official names, equals bit for bit what the source lay
 natively (DeepSpeed's own loader, the independent oracle).
 """
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.runs import REPO, _env, losses_by_step, read_metrics, run_training
+from tests.runs import REPO, _env, copy_until, losses_by_step, read_metrics, run_training
 from trainer.engine.distributed import free_port
 
 STEPS, AT = 12, 4
@@ -50,18 +49,6 @@ def references(demo_root, tmp_path_factory):
     return runs
 
 
-def _from_step(src: str, dst: str) -> str:
-    """A copy of ``src`` as it was right after its step-AT checkpoint (later checkpoints removed)."""
-    shutil.copytree(src, dst)
-    ck = os.path.join(dst, "checkpoints")
-    for name in os.listdir(ck):
-        if name.startswith("step") and int(name[4:]) > AT:
-            shutil.rmtree(os.path.join(ck, name))
-    with open(os.path.join(ck, "latest"), "w") as f:
-        f.write(f"step{AT:08d}\n")
-    return dst
-
-
 def _loaded(demo_root, run: str, layout: str, out: str) -> dict:
     """Resume ``run`` under ``layout`` the trainer's way (tests/elastic_check.py) and return what was loaded."""
     args = [os.path.join(REPO, "tests", "elastic_check.py"), "--config", os.path.join(REPO, "configs", "tiny.yaml"),
@@ -76,7 +63,7 @@ def _loaded(demo_root, run: str, layout: str, out: str) -> dict:
 @pytest.mark.parametrize("source,target", CHANGES, ids=[f"{s}-to-{t}" for s, t in CHANGES])
 def test_model_parallel_layout_change_continues_the_run_and_loads_exactly_what_was_saved(references, demo_root,
                                                                                          tmp_path, source, target):
-    run = _from_step(references[source], str(tmp_path / "run"))
+    run = copy_until(references[source], str(tmp_path / "run"), AT)
     proc = run_training(2, _over(demo_root, run, target), ds_config=LAYOUTS[target][0])
     out = proc.stdout + proc.stderr
     assert f"resumed from {run}/checkpoints/step{AT:08d} at step {AT}" in out, out[-3000:]
@@ -87,9 +74,9 @@ def test_model_parallel_layout_change_continues_the_run_and_loads_exactly_what_w
         assert got[s] == pytest.approx(ref[s], rel=1e-4), f"step {s}: {ref[s]} vs {got[s]}"
 
     # Bit-exact: the new layout's load (through the conversion) vs the source layout's native load.
-    native = _loaded(demo_root, _from_step(references[source], str(tmp_path / "native")), source,
+    native = _loaded(demo_root, copy_until(references[source], str(tmp_path / "native"), AT), source,
                      str(tmp_path / "native.pt"))
-    converted = _loaded(demo_root, _from_step(references[source], str(tmp_path / "converted")), target,
+    converted = _loaded(demo_root, copy_until(references[source], str(tmp_path / "converted"), AT), target,
                         str(tmp_path / "converted.pt"))
     assert set(native["params"]) == set(converted["params"]) and len(native["params"]) > 20
     for name, want in native["params"].items():
@@ -109,7 +96,7 @@ def test_a_killed_model_parallel_conversion_is_redone_and_the_archive_holds_ever
     """The MoE EP2 checkpoint converted in one process (``python -m trainer.convert --archive``) after a conversion
     was killed half-way: the half-written folder is replaced, the original is untouched, and the archive's weights,
     AdamW moments and EMA equal what the source layout loads natively, all four experts of every block included."""
-    run = _from_step(references["ep2"], str(tmp_path / "run"))
+    run = copy_until(references["ep2"], str(tmp_path / "run"), AT)
     ck = os.path.join(run, "checkpoints", f"step{AT:08d}")
     partial = os.path.join(run, "checkpoints", f".tmp-universal-step{AT:08d}", ".fragments", "half")
     os.makedirs(partial)  # what a conversion killed during its extract phase leaves
@@ -121,7 +108,7 @@ def test_a_killed_model_parallel_conversion_is_redone_and_the_archive_holds_ever
     assert not os.path.exists(os.path.dirname(partial))
     assert {f: open(os.path.join(ck, f), "rb").read() for f in os.listdir(ck)} == before
     archive = torch.load(archive_path, map_location="cpu", weights_only=True)
-    native = _loaded(demo_root, _from_step(references["ep2"], str(tmp_path / "native")), "ep2",
+    native = _loaded(demo_root, copy_until(references["ep2"], str(tmp_path / "native"), AT), "ep2",
                      str(tmp_path / "native.pt"))
     assert set(archive["weights"]) == set(native["params"])
     assert {f"blocks.{b}.mlp.experts.{e}.fc1.weight" for b in range(2) for e in range(4)} <= set(archive["weights"])

@@ -10,14 +10,13 @@ layout (trainer/loop/data.py), the weights, AdamW moments and step counts go thr
 consolidation.
 """
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.runs import REPO, _env, losses_by_step, read_metrics, run_training
+from tests.runs import REPO, _env, copy_until, losses_by_step, read_metrics, run_training
 from trainer.engine.distributed import free_port
 
 STEPS, AT = 12, 4
@@ -40,18 +39,6 @@ def references(demo_root, tmp_path_factory):
     return runs
 
 
-def _from_step(src: str, dst: str) -> str:
-    """A copy of ``src`` as it was right after its step-AT checkpoint (later checkpoints removed)."""
-    shutil.copytree(src, dst)
-    ck = os.path.join(dst, "checkpoints")
-    for name in os.listdir(ck):
-        if name.startswith("step") and int(name[4:]) > AT:
-            shutil.rmtree(os.path.join(ck, name))
-    with open(os.path.join(ck, "latest"), "w") as f:
-        f.write(f"step{AT:08d}\n")
-    return dst
-
-
 LAYOUT_CHANGES = [
     ("zero2", 1, "zero2.json"),   # fewer nodes
     ("zero2", 4, "zero2.json"),   # more GPUs
@@ -64,7 +51,7 @@ LAYOUT_CHANGES = [
 @pytest.mark.parametrize("source,nprocs,ds_config", LAYOUT_CHANGES)
 def test_resume_on_another_data_parallel_layout_continues_the_same_run(references, demo_root, tmp_path, source,
                                                                         nprocs, ds_config):
-    run = _from_step(references[source], str(tmp_path / "run"))
+    run = copy_until(references[source], str(tmp_path / "run"), AT)
     proc = run_training(nprocs, _over(demo_root, run), ds_config=ds_config, **({"launcher": "python"} if nprocs == 1 else {}))
     out = proc.stdout + proc.stderr
     assert f"resumed from {run}/checkpoints/step{AT:08d} at step {AT}" in out, out[-3000:]
@@ -115,7 +102,7 @@ def test_a_layout_change_loads_exactly_what_was_saved(references, demo_root, tmp
     """The resume path of a real launch (tests/elastic_check.py: Trainer.setup on the new layout), then every full
     fp32 weight, AdamW moment and step, EMA tensor and the LR position gathered back: equal to the checkpoint's own
     files bit for bit."""
-    run = _from_step(references[source], str(tmp_path / "run"))
+    run = copy_until(references[source], str(tmp_path / "run"), AT)
     out = str(tmp_path / "loaded.pt")
     args = [os.path.join(REPO, "tests", "elastic_check.py"), "--config", os.path.join(REPO, "configs", "tiny.yaml"),
             "--ds_config", ds_config, "--out", out, *_over(demo_root, run)]
@@ -159,7 +146,7 @@ def test_the_conversion_is_bit_exact_and_a_killed_conversion_leaves_the_original
     from trainer.state.convert import ensure_universal, universal_path, universal_state
     from trainer.state.integrity import check_hashes, check_sizes
 
-    run = _from_step(references["zero2"], str(tmp_path / "run"))
+    run = copy_until(references["zero2"], str(tmp_path / "run"), AT)
     ck = os.path.join(run, "checkpoints", f"step{AT:08d}")
     partial = os.path.join(run, "checkpoints", f".tmp-universal-step{AT:08d}")
     os.makedirs(os.path.join(partial, "zero", "half"))  # what a conversion killed half-way leaves
