@@ -60,6 +60,9 @@ def main() -> int:
         result["psnr"][str(r)] = {"vae": round(v, 2), "pca": round(p, 2), "vae_round_trip_seconds": round(vae_seconds, 2)}
         print(f"{r:4d} px held-out PSNR: VAE {v:.2f} dB  patch-PCA {p:.2f} dB  ({v - p:+.2f} dB)")
     print(f"VAE training: {record['train_seconds']} s for {args.steps} steps on {args.threads} thread(s)")
+    result.update(command="python benchmarks/bench_demo_vae.py " + " ".join(sys.argv[1:]),
+                  load_average=os.getloadavg(), model=dict(demo_vae.MODEL_CONFIG),
+                  train=dict(demo_vae.TRAIN_DEFAULTS, steps=args.steps))
     write_results(args.out, result)
     return 0
 

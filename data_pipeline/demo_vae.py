@@ -28,8 +28,10 @@ TRAIN_CONFIG_FILE = "demo_vae_training.json"  # what the folder was trained with
 
 # SD-VAE shape (4 levels -> 8x down, 4 latent channels), few channels and no mid-block attention so
 # ~2 minutes of 2-core CPU training reach a useful fit.
+# One normalisation group: with few channels, several groups normalise away each image's colour balance at full
+# resolution (4 groups vs 1 on channels (8,16,32,64): 19.6 / 20.2 dB vs 20.3 / 21.7 held-out at 64 / 128 px).
 MODEL_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=1,
     block_out_channels=(16, 32, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     mid_block_add_attention=False,
@@ -62,6 +64,9 @@ def train_demo_vae(images: torch.Tensor, *, steps: int, batch_size: int, crop: i
     from tqdm import tqdm
 
     model = build_model(seed).train()
+    with torch.no_grad():  # start with a near-deterministic posterior (std e^-4) so the decoder first sees signal
+        model.quant_conv.weight[model.config.latent_channels:].zero_()  # rows of the log-variance half
+        model.quant_conv.bias[model.config.latent_channels:].fill_(-8.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
