@@ -2,8 +2,10 @@
 
 ``python -m data_pipeline.demo_data --out DIR --resolutions 64 128`` needs no download: each
 colour photo shipped in ``skimage/data`` becomes one class, sampled as seeded random square
-crops (scale, position, mirror), then fitted with the offline PCA autoencoder and written by the
-same EncodeJob the encode tool uses.
+crops (scale, position, mirror), encoded and written by the same EncodeJob the encode tool uses.
+The encoder (``--vae``): ``trained`` a small diffusers AutoencoderKL trained on the training
+crops in ~2 minutes (data_pipeline/demo_vae.py) and saved beside the shards in OUT/vae/, loaded like a
+hub VAE; ``pca`` (default until the trained VAE beats it) the offline patch-PCA autoencoder (seconds; block seams).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import time
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .encode import EncodeJob, fit_pca
+from .encode import EncodeJob, crop_batches, fit_pca
 from .images import ImageItem, ImageSource, load_rgb
 from .pca_autoencoder import PCA_FILE_NAME
-from .vae import PCAVAE
+from .vae import PCAVAE, DiffusersVAE
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +111,41 @@ def export_demo_photos(out_dir: str) -> str:
 
 def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_per_class: int = 200, seed: int = 0,
                     samples_per_shard: int = 400, fit_images: int = 400, progress: bool = False,
-                    val_fraction: float | None = 0.1) -> dict[int, dict]:
+                    val_fraction: float | None = 0.1, vae: str = "pca") -> dict[int, dict]:
     """Write OUT/<res>/{manifest.json, classes.json, pca_autoencoder.npz, latents-*.tar}; return manifests.
 
     ``val_fraction`` (default 0.1; None or 0: none): ``round(val_fraction × samples_per_class)`` further crops per
     class, drawn after the training crops from the same seeded streams, are written as the validation shard set
     OUT/val/<res>/ (data_pipeline/val_split.py) and recorded in the training manifests. The training crops are the
     same with or without a validation set, and the PCA is fitted on them only. A rerun into the same folder reuses
-    the fitted PCA and skips finished shards.
+    the fitted PCA (or trained VAE, OUT/vae/) and skips finished shards. ``vae``: "trained" or "pca".
     """
     from .val_split import VAL_KEY_PREFIX, SubsetSource, link_validation, val_root
 
     resolutions = sorted(int(r) for r in resolutions)
     source = DemoPhotoSource(resolutions, samples_per_class, seed)
     os.makedirs(out, exist_ok=True)
-    pca_path = os.path.join(out, PCA_FILE_NAME)
-    if not os.path.exists(pca_path):
-        fit_pca(source, resolutions, max_images=fit_images, seed=seed).save(pca_path)
+    if vae == "pca":
+        vae_file = os.path.join(out, PCA_FILE_NAME)
+        if not os.path.exists(vae_file):
+            fit_pca(source, resolutions, max_images=fit_images, seed=seed).save(vae_file)
+        make_adapter = lambda: PCAVAE.from_file(vae_file)  # noqa: E731
+    elif vae == "trained":
+        from .demo_vae import DEMO_VAE_DIR, train_and_save
+
+        vae_file = None
+        folder = os.path.abspath(os.path.join(out, DEMO_VAE_DIR))
+        # the same seeded subset of training crops the PCA is fitted on, at the largest resolution
+        chosen = sorted(np.random.default_rng(seed).choice(len(source), size=min(len(source), fit_images), replace=False).tolist())
+        top = resolutions[-1]
+        train_and_save(torch.cat([b[top] for b in crop_batches(source, chosen, [top])]), folder, progress=progress, seed=seed)
+        make_adapter = lambda: DiffusersVAE(folder)  # noqa: E731
+    else:
+        raise ValueError(f"vae must be 'trained' or 'pca', got {vae!r}")
 
     def job(src, root, prefix=""):
-        return EncodeJob(src, root, resolutions, PCAVAE.from_file(pca_path), samples_per_shard=samples_per_shard,
-                         batch_size=256, vae_file=pca_path, progress=progress, key_prefix=prefix).run()
+        return EncodeJob(src, root, resolutions, make_adapter(), samples_per_shard=samples_per_shard,
+                         batch_size=256 if vae == "pca" else 64, vae_file=vae_file, progress=progress, key_prefix=prefix).run()
 
     manifests = job(source, out)
     per_class = int(round((val_fraction or 0.0) * samples_per_class))
@@ -154,13 +171,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="validation crops per class as a fraction of --samples-per-class, written to OUT/val/<res>/ "
                              "(0: none)")
     parser.add_argument("--export-photos", metavar="DIR", help="also copy the photos to DIR/<class>/ for the encode tool")
+    parser.add_argument("--vae", choices=("trained", "pca"), default="pca",
+                        help="trained: a small AutoencoderKL trained here in ~2 min, saved to OUT/vae/ (not yet the default: it loses to PCA so far); "
+                             "pca: the patch-PCA autoencoder (default; seconds, blocky samples)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     manifests = build_demo_data(args.out, args.resolutions, args.samples_per_class, args.seed,
                                 samples_per_shard=args.samples_per_shard, progress=not args.no_progress,
-                                val_fraction=args.val_fraction or None)
+                                val_fraction=args.val_fraction or None, vae=args.vae)
     for resolution, manifest in manifests.items():
         print(f"{os.path.join(args.out, str(resolution))}: {manifest['num_samples']} samples, "
               f"{manifest['num_classes']} classes, latent {manifest['latent_shape']} {manifest['latent_dtype']}, "
