@@ -14,17 +14,15 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_results  # noqa: E402
 from data_pipeline import demo_vae  # noqa: E402
-from data_pipeline.demo_data import DemoPhotoSource  # noqa: E402
+from data_pipeline.demo_data import DemoPhotoSource, validation_source, vae_training_images  # noqa: E402
 from data_pipeline.encode import crop_batches, fit_pca  # noqa: E402
 from data_pipeline.images import psnr  # noqa: E402
-from data_pipeline.val_split import SubsetSource  # noqa: E402
 from data_pipeline.vae import DiffusersVAE, PCAVAE  # noqa: E402
 
 
@@ -35,20 +33,16 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/demo_vae.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    per_class, held = 200, 20
-    source = DemoPhotoSource((64, 128), per_class + held, seed=0)
-    classes = len(source.class_names)
-    train = [c * (per_class + held) + j for c in range(classes) for j in range(per_class)]
-    val = [c * (per_class + held) + j for c in range(classes) for j in range(per_class, per_class + held)]
-    rng_train = sorted(np.random.default_rng(0).choice(train, size=400, replace=False).tolist())
-    images = torch.cat([b[128] for b in crop_batches(source, rng_train, [128])])  # (400, 3, 128, 128)
-    held_out = {r: torch.cat([b[r] for b in crop_batches(source, val, [r])]) for r in (64, 128)}
+    source = DemoPhotoSource((64, 128), 200, seed=0)  # demo_data's defaults
+    images = vae_training_images(source, 128, 400, seed=0)  # (400, 3, 128, 128)
+    val = validation_source((64, 128), 200, 20, seed=0)
+    held_out = {r: torch.cat([b[r] for b in crop_batches(val, range(len(val)), [r])]) for r in (64, 128)}
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         record = demo_vae.train_and_save(images, folder, steps=args.steps)
         wall = time.perf_counter() - started
         vae = DiffusersVAE(folder)
-    pca = PCAVAE(fit_pca(SubsetSource(source, train, "training", {}), (64, 128), max_images=400, seed=0))
+    pca = PCAVAE(fit_pca(source, (64, 128), max_images=400, seed=0))
     result = {"steps": args.steps, "threads": args.threads, "train_seconds": record["train_seconds"],
               "train_and_save_seconds": round(wall, 1), "held_out_crops": len(val), "psnr": {}}
     for r, x in held_out.items():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .encode import EncodeJob, crop_batches, fit_pca
+from .encode import EncodeJob, crop_batches, fit_pca, fit_subset
 from .images import ImageItem, ImageSource, load_rgb
 from .pca_autoencoder import PCA_FILE_NAME
 from .vae import PCAVAE, DiffusersVAE
@@ -109,18 +109,35 @@ def export_demo_photos(out_dir: str) -> str:
     return out_dir
 
 
+def validation_source(resolutions: Sequence[int], samples_per_class: int, per_class: int, seed: int = 0):
+    """The ``per_class`` crops per class drawn after the ``samples_per_class`` training crops (never trained on)."""
+    from .val_split import SubsetSource
+
+    every = DemoPhotoSource(resolutions, samples_per_class + per_class, seed)  # crop j depends on (seed, c, j) only
+    total = samples_per_class + per_class
+    held = [c * total + j for c in range(len(every.class_names)) for j in range(samples_per_class, total)]
+    return SubsetSource(every, held, "validation", {"extra_crops_per_class": per_class, "seed": seed})
+
+
+def vae_training_images(source: ImageSource, resolution: int, fit_images: int, seed: int = 0) -> torch.Tensor:
+    """The demo VAE's training images: the seeded subset of training crops the PCA is fitted on, at ``resolution``."""
+    chosen = fit_subset(len(source), fit_images, seed)
+    return torch.cat([b[resolution] for b in crop_batches(source, chosen, [resolution])])  # (N, 3, R, R)
+
+
 def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_per_class: int = 200, seed: int = 0,
                     samples_per_shard: int = 400, fit_images: int = 400, progress: bool = False,
-                    val_fraction: float | None = 0.1, vae: str = "pca") -> dict[int, dict]:
+                    val_fraction: float | None = 0.1, vae: str = "pca", vae_train: dict | None = None) -> dict[int, dict]:
     """Write OUT/<res>/{manifest.json, classes.json, pca_autoencoder.npz, latents-*.tar}; return manifests.
 
     ``val_fraction`` (default 0.1; None or 0: none): ``round(val_fraction × samples_per_class)`` further crops per
     class, drawn after the training crops from the same seeded streams, are written as the validation shard set
     OUT/val/<res>/ (data_pipeline/val_split.py) and recorded in the training manifests. The training crops are the
     same with or without a validation set, and the PCA is fitted on them only. A rerun into the same folder reuses
-    the fitted PCA (or trained VAE, OUT/vae/) and skips finished shards. ``vae``: "trained" or "pca".
+    the fitted PCA (or trained VAE, OUT/vae/) and skips finished shards. ``vae``: "trained" or "pca"; ``vae_train``:
+    training settings over data_pipeline/demo_vae.py's ``TRAIN_DEFAULTS``.
     """
-    from .val_split import VAL_KEY_PREFIX, SubsetSource, link_validation, val_root
+    from .val_split import VAL_KEY_PREFIX, link_validation, val_root
 
     resolutions = sorted(int(r) for r in resolutions)
     source = DemoPhotoSource(resolutions, samples_per_class, seed)
@@ -135,10 +152,8 @@ def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_pe
 
         vae_file = None
         folder = os.path.abspath(os.path.join(out, DEMO_VAE_DIR))
-        # the same seeded subset of training crops the PCA is fitted on, at the largest resolution
-        chosen = sorted(np.random.default_rng(seed).choice(len(source), size=min(len(source), fit_images), replace=False).tolist())
-        top = resolutions[-1]
-        train_and_save(torch.cat([b[top] for b in crop_batches(source, chosen, [top])]), folder, progress=progress, seed=seed)
+        images = vae_training_images(source, resolutions[-1], fit_images, seed)
+        train_and_save(images, folder, progress=progress, **dict({"seed": seed}, **(vae_train or {})))
         make_adapter = lambda: DiffusersVAE(folder)  # noqa: E731
     else:
         raise ValueError(f"vae must be 'trained' or 'pca', got {vae!r}")
@@ -150,11 +165,7 @@ def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_pe
     manifests = job(source, out)
     per_class = int(round((val_fraction or 0.0) * samples_per_class))
     if per_class > 0:
-        every = DemoPhotoSource(resolutions, samples_per_class + per_class, seed)  # crop j depends on (seed, c, j) only
-        total = samples_per_class + per_class
-        held = [c * total + j for c in range(len(every.class_names)) for j in range(samples_per_class, total)]
-        split = {"extra_crops_per_class": per_class, "seed": seed}
-        job(SubsetSource(every, held, "validation", split), val_root(out), VAL_KEY_PREFIX)
+        job(validation_source(resolutions, samples_per_class, per_class, seed), val_root(out), VAL_KEY_PREFIX)
         link_validation(out, resolutions)
         manifests = {r: json.load(open(os.path.join(out, str(r), "manifest.json"))) for r in resolutions}
     return manifests

@@ -106,7 +106,6 @@ def train_and_save(images: torch.Tensor, folder: str, *, progress: bool = True, 
             found = json.load(handle)
         if {k: found.get(k) for k in wanted} == wanted:
             return found
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     model, seconds = train_demo_vae(images, progress=progress, **settings)
     shift, scale = latent_statistics(model, images)
     model.register_to_config(scaling_factor=scale, shift_factor=shift)

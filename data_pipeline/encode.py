@@ -93,11 +93,16 @@ def crop_batches(source: ImageSource, indices: Sequence[int], resolutions: Seque
             yield {r: uint8_to_model(arrays) for r, arrays in crops.items()}
 
 
+def fit_subset(num_images: int, max_images: int, seed: int = 0) -> list[int]:
+    """The seeded, sorted subset of image indices an encoder is fitted on (PCA or the demo's trained VAE)."""
+    count = min(num_images, max_images)
+    return sorted(np.random.default_rng(seed).choice(num_images, size=count, replace=False).tolist())
+
+
 def fit_pca(source: ImageSource, resolutions: Sequence[int], *, patch_size: int = 8, num_components: int = 4,
             max_images: int = 2000, seed: int = 0) -> PatchPCAAutoencoder:
     """Fit on a seeded subset of the images at every requested resolution (same subset in every job)."""
-    count = min(len(source), max_images)
-    indices = sorted(np.random.default_rng(seed).choice(len(source), size=count, replace=False).tolist())
+    indices = fit_subset(len(source), max_images, seed)
     batches = (batch[r] for batch in crop_batches(source, indices, resolutions) for r in resolutions)
     return PatchPCAAutoencoder.fit(batches, patch_size=patch_size, num_components=num_components)
 

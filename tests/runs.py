@@ -123,8 +123,7 @@ def resume_copy(src_checkpoint: str, run_dir: str, **state_changes) -> str:
     state.update(state_changes)
     with open(state_file, "w") as f:
         json.dump(state, f, indent=2)
-    sizes = integrity.list_files(dst)
-    integrity.write_manifest(dst, sizes, {rel: integrity.file_digest(os.path.join(dst, rel)) for rel in sizes})
+    integrity.seal(dst)
     return dst
 
 

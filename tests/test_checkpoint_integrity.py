@@ -19,8 +19,7 @@ def make_checkpoint(root):
     ck.mkdir()
     (ck / "big.pt").write_bytes(os.urandom(3 * 4096 + 123))
     (ck / "small.json").write_text('{"step": 10}')
-    sizes = integrity.list_files(str(ck))
-    integrity.write_manifest(str(ck), sizes, {rel: integrity.file_digest(str(ck / rel)) for rel in sizes})
+    integrity.seal(str(ck))
     return ck
 
 

@@ -18,13 +18,8 @@ FEW_STEPS = dict(steps=3, batch_size=4)  # seconds, not minutes: the maths under
 @pytest.fixture(scope="module")
 def trained_demo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo-vae"))
-    saved = dict(demo_vae.TRAIN_DEFAULTS)
-    demo_vae.TRAIN_DEFAULTS.update(FEW_STEPS)
-    try:
-        build_demo_data(root, (64,), samples_per_class=4, seed=0, fit_images=32, val_fraction=None, vae="trained")
-    finally:
-        demo_vae.TRAIN_DEFAULTS.clear()
-        demo_vae.TRAIN_DEFAULTS.update(saved)
+    build_demo_data(root, (64,), samples_per_class=4, seed=0, fit_images=32, val_fraction=None, vae="trained",
+                    vae_train=FEW_STEPS)
     return root
 
 

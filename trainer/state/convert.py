@@ -41,6 +41,15 @@ PREFIX = "universal-"
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
+def model_states_file(checkpoint: str) -> str:
+    """DeepSpeed's model-states file of ``checkpoint`` (its name differs between ZeRO-1/2 and ZeRO-3)."""
+    found = next((os.path.join(checkpoint, n) for n in MODEL_STATES if os.path.isfile(os.path.join(checkpoint, n))),
+                 None)
+    if found is None:
+        raise RuntimeError(f"{checkpoint} has no DeepSpeed model-states file ({' or '.join(MODEL_STATES)})")
+    return found
+
+
 def universal_path(checkpoint: str) -> str:
     checkpoint = checkpoint.rstrip("/")
     return os.path.join(os.path.dirname(checkpoint), PREFIX + os.path.basename(checkpoint))
@@ -53,7 +62,7 @@ def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
     if rank_maps(checkpoint):  # any ZeRO-1/2 checkpoint with optimizer maps: trainer/state/reshard.py, one process
         return ensure_resharded(checkpoint)
     out = universal_path(checkpoint)
-    if os.path.isdir(out) and integrity.check_sizes(out) is None and not integrity.check_hashes(out):
+    if integrity.is_intact(out):
         return out, 0.0
     parent, tag = os.path.split(out)
     tmp = os.path.join(parent, ".tmp-" + tag)
@@ -77,15 +86,15 @@ def ensure_universal(checkpoint: str, workers: int = 2) -> tuple[str, float]:
     # DeepSpeed reads only metadata from the model-states file of a universal checkpoint (LR scheduler, step and
     # sample counters: the weights come from zero/), and looks for it under the target's naming: mp_rank_00_... for
     # ZeRO-1/2 targets, zero_pp_rank_0_mp_rank_00_... for ZeRO-3. The converter copies it for ZeRO-1/2 sources only.
-    source = next((os.path.join(checkpoint, n) for n in MODEL_STATES if os.path.isfile(os.path.join(checkpoint, n))), None)
-    if source is None:
+    try:
+        source = model_states_file(checkpoint)
+    except RuntimeError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"{checkpoint} has no DeepSpeed model-states file ({' or '.join(MODEL_STATES)})")
+        raise
     for name in MODEL_STATES:
         if not os.path.isfile(os.path.join(tmp, name)):
             shutil.copy2(source, os.path.join(tmp, name))
-    sizes = integrity.list_files(tmp)
-    integrity.write_manifest(tmp, sizes, {rel: integrity.file_digest(os.path.join(tmp, rel)) for rel in sizes})
+    integrity.seal(tmp)
     os.rename(tmp, out)
     return out, time.perf_counter() - started
 

@@ -105,6 +105,18 @@ def has_checksums(path: str) -> bool:
     return bool(files) and all(HASH_NAME in meta for meta in files.values())
 
 
+def seal(path: str) -> None:
+    """Hash every file under ``path`` and write its manifest: what a derived folder (a layout conversion, an edited
+    copy) needs to be verified like a checkpoint the trainer wrote."""
+    sizes = list_files(path)
+    write_manifest(path, sizes, {rel: file_digest(os.path.join(path, rel)) for rel in sizes})
+
+
+def is_intact(path: str) -> bool:
+    """``path`` exists and every file has its recorded size and hash."""
+    return os.path.isdir(path) and check_sizes(path) is None and not check_hashes(path)
+
+
 def write_manifest(path: str, sizes: dict, digests: dict) -> None:
     from trainer.rundir import atomic_write_text
 

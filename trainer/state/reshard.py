@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from trainer.engine.parallelize import OPTIMIZER_MAP
 from trainer.state import integrity
-from trainer.state.convert import MODEL_STATES, universal_path
+from trainer.state.convert import MODEL_STATES, model_states_file, universal_path
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 FRAGMENTS = ".fragments"
@@ -153,11 +153,7 @@ def merge(maps: list[dict], fragments: str, out_root: str, rank: int = 0, world:
 
 def _engine_metadata(checkpoint: str) -> dict:
     """The DeepSpeed engine counters a resume restores (elastic.load_universal reads these keys only)."""
-    source = next((os.path.join(checkpoint, n) for n in MODEL_STATES if os.path.isfile(os.path.join(checkpoint, n))),
-                  None)
-    if source is None:
-        raise RuntimeError(f"{checkpoint} has no DeepSpeed model-states file ({' or '.join(MODEL_STATES)})")
-    meta = torch.load(source, map_location="cpu", weights_only=True)
+    meta = torch.load(model_states_file(checkpoint), map_location="cpu", weights_only=True)
     return {k: meta[k] for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps") if k in meta}
 
 
@@ -181,15 +177,15 @@ def _barrier(world: int) -> None:
 
 def ensure_resharded(checkpoint: str, rank: int = 0, world: int = 1) -> tuple[str, float]:
     """Collective over ``world`` ranks (1: one process does everything): the verified conversion of the
-    model-parallel ``checkpoint`` (made now if missing or broken, in parallel); (path, seconds spent)."""
+    ZeRO-1/2 ``checkpoint`` (made now if missing or broken, in parallel); (path, seconds spent)."""
     out = universal_path(checkpoint)
     parent, tag = os.path.split(out)
     tmp = os.path.join(parent, ".tmp-" + tag)
     maps = rank_maps(checkpoint)
     if not maps:
         raise RuntimeError(f"{checkpoint} has no optimizer maps ({OPTIMIZER_MAP.format(rank=0)}, ...): it was written "
-                           "before model-parallel layout conversion existed; resume it under its own layout")
-    ready = rank == 0 and os.path.isdir(out) and integrity.check_sizes(out) is None and not integrity.check_hashes(out)
+                           "before optimizer maps existed; resume it under its own layout")
+    ready = rank == 0 and integrity.is_intact(out)
     if _agree(ready, rank, world):
         return out, 0.0
     started = time.perf_counter()
@@ -218,8 +214,7 @@ def ensure_resharded(checkpoint: str, rank: int = 0, world: int = 1) -> tuple[st
         shutil.rmtree(os.path.join(tmp, FRAGMENTS))
         torch.save(_engine_metadata(checkpoint), os.path.join(tmp, MODEL_STATES[0]))
         shutil.copy2(os.path.join(checkpoint, "trainer_state.json"), os.path.join(tmp, "trainer_state.json"))
-        sizes = integrity.list_files(tmp)
-        integrity.write_manifest(tmp, sizes, {rel: integrity.file_digest(os.path.join(tmp, rel)) for rel in sizes})
+        integrity.seal(tmp)
         os.rename(tmp, out)
     _barrier(world)
     return out, time.perf_counter() - started
