@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     if not os.path.exists(os.path.join(args.data, "64", "manifest.json")):
         _run([sys.executable, "-m", "data_pipeline.demo_data", "--out", args.data, "--resolutions", "64",
-              "--samples-per-class", "20", "--no-progress"])
+              "--samples-per-class", "20", "--vae", "pca", "--no-progress"])
     shutil.rmtree(args.run, ignore_errors=True)
     common = ["--config", "configs/tiny.yaml", "--ds_config", "zero2.json", f"data.root={args.data}",
               f"run.dir={args.run}", f"model.name={args.model}", "model.hidden_size=null", "model.depth=null",

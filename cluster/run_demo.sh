@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded demo, end to end on this machine (no GPU, no downloads):
-#   real photos (scikit-image) → PCA latents → WebDataset shards → DeepSpeed ZeRO-2 on 2 CPU ranks
-#   → EMA sample grids, loss plot and summary.
+#   real photos (scikit-image) → a small AutoencoderKL trained on them → latent WebDataset shards
+#   → DeepSpeed ZeRO-2 on 2 CPU ranks → EMA sample grids decoded by that VAE, loss plot and summary.
 # Env: DEMO_DATA (data/demo), RUN_DIR (runs/demo), NPROC (2), DS_CONFIG (zero2.json), OVERRIDES ("").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,11 @@ NPROC=${NPROC:-2}
 DS_CONFIG=${DS_CONFIG:-zero2.json}
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-offline}
 
+if grep -q '"type": "pca"' "$DEMO_DATA/128/manifest.json" 2>/dev/null && [ ! -e "$DEMO_DATA.pca" ]; then
+  # an older build encoded with the patch-PCA: kept aside, not overwritten (an encode never mixes two encoders)
+  echo "demo: $DEMO_DATA holds patch-PCA latents from an older version; moved to $DEMO_DATA.pca, building the VAE set"
+  mv "$DEMO_DATA" "$DEMO_DATA.pca"
+fi
 if [ ! -f "$DEMO_DATA/128/manifest.json" ] || [ ! -f "$DEMO_DATA/64/manifest.json" ] \
    || [ ! -f "$DEMO_DATA/val/128/manifest.json" ]; then  # an older build without the validation set: adds it
   python -m data_pipeline.demo_data --out "$DEMO_DATA" --resolutions 64 128

@@ -3,9 +3,9 @@
 ``python -m data_pipeline.demo_data --out DIR --resolutions 64 128`` needs no download: each
 colour photo shipped in ``skimage/data`` becomes one class, sampled as seeded random square
 crops (scale, position, mirror), encoded and written by the same EncodeJob the encode tool uses.
-The encoder (``--vae``): ``trained`` a small diffusers AutoencoderKL trained on the training
-crops in ~2 minutes (data_pipeline/demo_vae.py) and saved beside the shards in OUT/vae/, loaded like a
-hub VAE; ``pca`` (default until the trained VAE beats it) the offline patch-PCA autoencoder (seconds; block seams).
+The encoder (``--vae``): ``trained`` (default) a small diffusers AutoencoderKL trained on the training
+crops in a few minutes (data_pipeline/demo_vae.py) and saved beside the shards in OUT/vae/, loaded like a
+hub VAE; ``pca`` the offline patch-PCA autoencoder (seconds; blocky samples; what the fast tests use).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def vae_training_images(source: ImageSource, resolution: int, fit_images: int, s
 
 def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_per_class: int = 200, seed: int = 0,
                     samples_per_shard: int = 400, fit_images: int = 400, progress: bool = False,
-                    val_fraction: float | None = 0.1, vae: str = "pca", vae_train: dict | None = None) -> dict[int, dict]:
+                    val_fraction: float | None = 0.1, vae: str = "trained", vae_train: dict | None = None) -> dict[int, dict]:
     """Write OUT/<res>/{manifest.json, classes.json, pca_autoencoder.npz, latents-*.tar}; return manifests.
 
     ``val_fraction`` (default 0.1; None or 0: none): ``round(val_fraction × samples_per_class)`` further crops per
@@ -152,8 +152,9 @@ def build_demo_data(out: str, resolutions: Sequence[int] = (64, 128), samples_pe
 
         vae_file = None
         folder = os.path.abspath(os.path.join(out, DEMO_VAE_DIR))
-        images = vae_training_images(source, resolutions[-1], fit_images, seed)
-        train_and_save(images, folder, progress=progress, **dict({"seed": seed}, **(vae_train or {})))
+        image_sets = [vae_training_images(source, r, fit_images, seed) for r in resolutions]  # [(N, 3, R, R), ...]
+        teacher = fit_pca(source, resolutions, max_images=fit_images, seed=seed)  # the distillation warm start's targets
+        train_and_save(image_sets, folder, teacher=teacher, progress=progress, **dict({"seed": seed}, **(vae_train or {})))
         make_adapter = lambda: DiffusersVAE(folder)  # noqa: E731
     else:
         raise ValueError(f"vae must be 'trained' or 'pca', got {vae!r}")
@@ -182,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="validation crops per class as a fraction of --samples-per-class, written to OUT/val/<res>/ "
                              "(0: none)")
     parser.add_argument("--export-photos", metavar="DIR", help="also copy the photos to DIR/<class>/ for the encode tool")
-    parser.add_argument("--vae", choices=("trained", "pca"), default="pca",
-                        help="trained: a small AutoencoderKL trained here in ~2 min, saved to OUT/vae/ (not yet the default: it loses to PCA so far); "
-                             "pca: the patch-PCA autoencoder (default; seconds, blocky samples)")
+    parser.add_argument("--vae", choices=("trained", "pca"), default="trained",
+                        help="trained (default): a small AutoencoderKL trained here in a few minutes, saved to OUT/vae/; "
+                             "pca: the patch-PCA autoencoder (seconds, blocky samples)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -17,7 +17,7 @@ def demo_root(tmp_path_factory):
     from data_pipeline.demo_data import build_demo_data
 
     root = tmp_path_factory.mktemp("demo_data")
-    build_demo_data(str(root), resolutions=(64, 128), seed=0)
+    build_demo_data(str(root), resolutions=(64, 128), seed=0, vae="pca")
     return str(root)
 
 

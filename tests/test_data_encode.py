@@ -147,7 +147,7 @@ def test_file_list_source_encodes_single_part_with_on_the_fly_pca(photo_dir, tmp
 
 
 def test_demo_data_builds_train_ready_shard_sets(tmp_path):
-    manifests = build_demo_data(str(tmp_path), (64, 128), samples_per_class=25, seed=0, samples_per_shard=50)
+    manifests = build_demo_data(str(tmp_path), (64, 128), samples_per_class=25, seed=0, samples_per_shard=50, vae="pca")
     assert set(manifests) == {64, 128}
     assert len(available_photos()) == len(DEMO_PHOTOS) == 8
     for resolution in (64, 128):
@@ -161,7 +161,7 @@ def test_demo_data_builds_train_ready_shard_sets(tmp_path):
 
 def test_demo_data_is_byte_identical_for_a_seed(tmp_path):
     def build(name, seed):
-        build_demo_data(str(tmp_path / name), (64,), samples_per_class=6, seed=seed, samples_per_shard=16)
+        build_demo_data(str(tmp_path / name), (64,), samples_per_class=6, seed=seed, samples_per_shard=16, vae="pca")
         paths = sorted(glob.glob(str(tmp_path / name / "64" / "*")))
         files = {os.path.basename(p): open(p, "rb").read() for p in paths}
         for file_name in [f for f in files if f.endswith(".index.json")]:  # shard indexes record the file's mtime
@@ -177,7 +177,7 @@ def test_demo_data_is_byte_identical_for_a_seed(tmp_path):
 def test_demo_data_cli(tmp_path, capsys):
     from data_pipeline.demo_data import main as demo_main
 
-    assert demo_main(["--out", str(tmp_path), "--resolutions", "64", "--samples-per-class", "5", "--no-progress"]) == 0
+    assert demo_main(["--out", str(tmp_path), "--resolutions", "64", "--samples-per-class", "5", "--vae", "pca", "--no-progress"]) == 0
     assert "40 samples, 8 classes" in capsys.readouterr().out
     assert np.isclose(check_shard_set(str(tmp_path), 64)["scaling_factor"], read_manifest(
         os.path.join(str(tmp_path), "64", "manifest.json"))["vae"]["scaling_factor"])

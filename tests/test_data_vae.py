@@ -23,7 +23,7 @@ PSNR_WORST_FLOOR = {64: 14.5, 128: 17.0}
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    build_demo_data(root, (64, 128), samples_per_class=20, seed=0)
+    build_demo_data(root, (64, 128), samples_per_class=20, seed=0, vae="pca")
     return root
 
 

@@ -10,6 +10,7 @@ from data_pipeline import demo_vae
 from data_pipeline.demo_data import available_photos, build_demo_data
 from data_pipeline.images import center_crop_arr, load_rgb, uint8_to_model
 from data_pipeline.loader import LatentLoader
+from data_pipeline.pca_autoencoder import PatchPCAAutoencoder
 from data_pipeline.vae import DiffusersVAE, load_vae_from_manifest
 
 FEW_STEPS = dict(steps=3, batch_size=4)  # seconds, not minutes: the maths under test does not need a good fit
@@ -60,12 +61,40 @@ def test_round_trip_through_adapter_equals_diffusers_maths(trained_demo):
 
 def test_training_is_deterministic_and_cached(tmp_path):
     images = photos(64)
-    first = demo_vae.train_and_save(images, str(tmp_path / "a"), progress=False, **FEW_STEPS)
-    second = demo_vae.train_and_save(images, str(tmp_path / "b"), progress=False, **FEW_STEPS)
+    teacher = PatchPCAAutoencoder.fit([images])
+    first = demo_vae.train_and_save(images, str(tmp_path / "a"), teacher=teacher, progress=False, **FEW_STEPS)
+    second = demo_vae.train_and_save(images, str(tmp_path / "b"), teacher=teacher, progress=False, **FEW_STEPS)
     assert first["scaling_factor"] == second["scaling_factor"] and first["shift_factor"] == second["shift_factor"]
     weights = [open(tmp_path / name / "diffusion_pytorch_model.safetensors", "rb").read() for name in ("a", "b")]
     assert weights[0] == weights[1]
-    again = demo_vae.train_and_save(images, str(tmp_path / "a"), progress=False, **FEW_STEPS)
+    again = demo_vae.train_and_save(images, str(tmp_path / "a"), teacher=teacher, progress=False, **FEW_STEPS)
     assert again == first  # same settings: the saved folder is reused, not retrained
-    other_seed = demo_vae.train_and_save(images, str(tmp_path / "a"), progress=False, **dict(FEW_STEPS, seed=1))
+    other_seed = demo_vae.train_and_save(images, str(tmp_path / "a"), teacher=teacher, progress=False, **dict(FEW_STEPS, seed=1))
     assert other_seed["scaling_factor"] != first["scaling_factor"]  # different settings: retrained
+
+
+def test_batches_mix_every_resolution_equally():
+    """The demo trains on 64 and 128 px crops alike: a batch holds an equal share of each image set."""
+    sets = [torch.full((5, 3, 64, 64), 1.0), torch.full((5, 3, 128, 128), -1.0)]
+    batch = demo_vae.random_crops(sets, 32, 16, torch.Generator().manual_seed(0))  # (16, 3, 32, 32)
+    assert batch.shape == (16, 3, 32, 32)
+    assert (batch[:, 0, 0, 0] == 1.0).sum() == 8 and (batch[:, 0, 0, 0] == -1.0).sum() == 8
+
+
+def test_distillation_warm_start_moves_the_encoder_to_the_teachers_latents():
+    """distill > 0: the encoder first regresses the patch-PCA's latents; without a teacher it is refused."""
+    images = photos(64)
+    teacher = PatchPCAAutoencoder.fit([images])
+    with pytest.raises(ValueError, match="teacher"):
+        demo_vae.train_demo_vae(images, progress=False, **dict(demo_vae.TRAIN_DEFAULTS, steps=2, distill=0.5))
+
+    def gap(model):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model.encode(images).latent_dist.mean, teacher.encode(images)).item()
+
+    untrained = gap(demo_vae.build_model(0).eval())  # ≈ 1.07
+    settings = dict(demo_vae.TRAIN_DEFAULTS, steps=100, batch_size=8)
+    distilled, _ = demo_vae.train_demo_vae(images, teacher=teacher, progress=False, **dict(settings, distill=1.0))
+    joint, _ = demo_vae.train_demo_vae(images, progress=False, **dict(settings, distill=0.0))
+    assert gap(distilled) < 0.5 * untrained  # measured 0.38
+    assert gap(distilled) < 0.25 * gap(joint)  # joint training finds latents of its own (measured 5.2)

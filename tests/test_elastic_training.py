@@ -29,7 +29,7 @@ def small_root(tmp_path_factory):
     from data_pipeline.demo_data import build_demo_data
 
     root = tmp_path_factory.mktemp("small_demo")
-    build_demo_data(str(root), resolutions=(64,), samples_per_class=10, samples_per_shard=30, seed=0)
+    build_demo_data(str(root), resolutions=(64,), samples_per_class=10, samples_per_shard=30, seed=0, vae="pca")
     return str(root)
 
 
