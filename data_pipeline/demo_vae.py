@@ -97,18 +97,17 @@ def train_demo_vae(image_sets, *, steps: int, batch_size: int, crop: int, lr: fl
     for step in bar:
         batch = random_crops(image_sets, crop, batch_size, generator)  # (B, 3, c, c)
         posterior = model.encode(batch).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator)
-        if step < distill_steps:
+        noise = torch.randn(posterior.mean.shape, generator=generator)  # every step: crops do not depend on `distill`
+        if step < distill_steps:  # decode the teacher's latents; pull the encoder's mean onto them
             with torch.no_grad():
-                target = teacher.encode(batch)  # (B, 4, c/8, c/8)
-            reconstruction = model.decode(target).sample
-            mse = torch.nn.functional.mse_loss(reconstruction, batch)
-            loss = mse + torch.nn.functional.mse_loss(posterior.mean, target)
-        else:
+                latents = teacher.encode(batch)  # (B, 4, c/8, c/8)
+            encoder_loss = torch.nn.functional.mse_loss(posterior.mean, latents)
+        else:  # decode a posterior sample; the KL term keeps the posterior near N(0, 1)
             latents = posterior.mean + posterior.std * noise  # (B, 4, c/8, c/8)
-            reconstruction = model.decode(latents).sample
-            mse = torch.nn.functional.mse_loss(reconstruction, batch)
-            loss = mse + kl_weight * posterior.kl().mean()
+            encoder_loss = kl_weight * posterior.kl().mean()
+        reconstruction = model.decode(latents).sample  # (B, 3, c, c)
+        mse = torch.nn.functional.mse_loss(reconstruction, batch)
+        loss = mse + encoder_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
