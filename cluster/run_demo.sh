@@ -11,10 +11,15 @@ NPROC=${NPROC:-2}
 DS_CONFIG=${DS_CONFIG:-zero2.json}
 export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-offline}
 
-if grep -q '"type": "pca"' "$DEMO_DATA/128/manifest.json" 2>/dev/null && [ ! -e "$DEMO_DATA.pca" ]; then
+if grep -q '"type": "pca"' "$DEMO_DATA/128/manifest.json" 2>/dev/null; then
   # an older build encoded with the patch-PCA: kept aside, not overwritten (an encode never mixes two encoders)
-  echo "demo: $DEMO_DATA holds patch-PCA latents from an older version; moved to $DEMO_DATA.pca, building the VAE set"
-  mv "$DEMO_DATA" "$DEMO_DATA.pca"
+  if [ -e "$DEMO_DATA.pca" ]; then
+    echo "demo: $DEMO_DATA holds patch-PCA latents and $DEMO_DATA.pca exists too: training on the PCA set as it is" \
+         "(remove one of them to build the VAE set)"
+  else
+    echo "demo: $DEMO_DATA holds patch-PCA latents from an older version; moved to $DEMO_DATA.pca, building the VAE set"
+    mv "$DEMO_DATA" "$DEMO_DATA.pca"
+  fi
 fi
 if [ ! -f "$DEMO_DATA/128/manifest.json" ] || [ ! -f "$DEMO_DATA/64/manifest.json" ] \
    || [ ! -f "$DEMO_DATA/val/128/manifest.json" ]; then  # an older build without the validation set: adds it
