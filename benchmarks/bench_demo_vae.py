@@ -27,7 +27,7 @@ from results_io import write_results  # noqa: E402
 from data_pipeline import demo_vae  # noqa: E402
 from data_pipeline.demo_data import DemoPhotoSource, validation_source, vae_training_images  # noqa: E402
 from data_pipeline.encode import crop_batches, fit_pca  # noqa: E402
-from data_pipeline.images import psnr, save_image_grid  # noqa: E402
+from data_pipeline.images import block_seam_ratios, model_to_uint8, psnr, save_image_grid  # noqa: E402
 from data_pipeline.vae import DiffusersVAE, PCAVAE  # noqa: E402
 
 
@@ -65,9 +65,17 @@ def main() -> int:
             started = time.perf_counter()
             v = psnr(x, vae.decode(vae.encode(x)))
             vae_seconds = time.perf_counter() - started
-            p = psnr(x, pca.decode(pca.encode(x)))
+            pca_decoded = pca.decode(pca.encode(x)).clamp(-1, 1)
+            p = psnr(x, pca_decoded)
+            vae_decoded = vae.decode(vae.encode(x))
         result["psnr"][str(r)] = {"vae": round(v, 2), "pca": round(p, 2), "vae_round_trip_seconds": round(vae_seconds, 2)}
         print(f"{r:4d} px held-out PSNR: VAE {v:.2f} dB  patch-PCA {p:.2f} dB  ({v - p:+.2f} dB)")
+        # steps across the 8-pixel block lines / elsewhere (bench_demo_seams.py): photos ≈ 1, per-block decoders >> 1
+        seams = {name: round(block_seam_ratios(model_to_uint8(images), (8,))[8], 3)
+                 for name, images in (("photo", x), ("pca", pca_decoded), ("vae", vae_decoded))}
+        result.setdefault("block_seam_ratio_8px", {})[str(r)] = seams
+        print(f"{r:4d} px block seams (8-px lines / elsewhere): photo {seams['photo']:.3f}  patch-PCA {seams['pca']:.3f}"
+              f"  VAE {seams['vae']:.3f}")
     if args.figure:
         per_class = len(val) // len(source.class_names)
         crops = held_out[128][::per_class]  # (classes, 3, 128, 128): the first held-out crop of each class

@@ -2,7 +2,8 @@
 
 Why: the patch-PCA encoder is linear per 8x8 block and clips, so decoded demo samples are mosaics with
 seams. A convolutional VAE with SD-VAE's shape (8x downsampling, 4 latent channels) but few channels
-learns overlapping, non-linear decoders, which gives seamless samples. It is saved with
+learns overlapping, non-linear decoders: held-out crops decode with pixel steps across the 8-pixel block lines
+1.05x those elsewhere, vs 5.0x for the patch-PCA (``benchmarks/bench_demo_vae.py``). It is saved with
 ``save_pretrained`` so the demo's encode, sample and report paths load it exactly as they load a hub VAE
 (``data_pipeline.vae.DiffusersVAE``), with ``scaling_factor``/``shift_factor`` computed from its own
 encoded latents the way SD's 0.18215 (1 / std) and SD3's shift (mean) were.
@@ -11,13 +12,6 @@ Why a distillation warm start: trained jointly from scratch, the autoencoder nee
 the patch-PCA (21.4 / 22.0 dB vs 20.7 / 22.1 dB held-out at 64 / 128 px); first regressing the encoder onto the
 PCA's latents and teaching the decoder to decode them (two problems with fixed targets) for 30 % of the steps
 reaches 22.2 / 23.0 dB in the same 1800 steps (``python benchmarks/bench_demo_vae.py``).
-
-Why latent noise (``latent_noise``): the decoder also learns to decode latents with added Gaussian noise (a
-per-crop level uniform in [0, 0.3] x the latents' std), as a diffusion sampler's imperfect latents are. Without it
-the decoder turns small latent errors into a texture of dark and white blobs, which is what the demo's samples
-showed; with it, held-out PSNR under 0.4-std latent noise rises from 19.3 / 20.0 to 20.7 / 21.7 dB at 64 / 128 px
-while clean PSNR does not fall (22.3 / 23.2 vs 22.2 / 23.0 dB). The encoder also spreads its information more
-evenly over the 4 channels (scaled per-channel std 1.4 / 0.9 / 0.7 / 0.7 vs 1.7 / 0.9 / 0.4 / 0.4).
 
 Training is deterministic given the seed: fixed step count, seeded crop positions and posterior noise,
 one thread-count-independent data order (the float results may still differ across CPU types).
@@ -46,8 +40,7 @@ MODEL_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     mid_block_add_attention=False,
 )
-TRAIN_DEFAULTS = dict(steps=1800, batch_size=16, crop=32, lr=2e-3, kl_weight=1e-6, distill=0.3, latent_noise=0.3,
-                      seed=0)
+TRAIN_DEFAULTS = dict(steps=1800, batch_size=16, crop=32, lr=2e-3, kl_weight=1e-6, distill=0.3, seed=0)
 
 
 def build_model(seed: int):
@@ -78,7 +71,7 @@ def random_crops(image_sets, crop: int, batch_size: int, generator: torch.Genera
 
 
 def train_demo_vae(image_sets, *, steps: int, batch_size: int, crop: int, lr: float, kl_weight: float,
-                   distill: float, seed: int, latent_noise: float = 0.0, teacher=None, progress: bool = True):
+                   distill: float, seed: int, teacher=None, progress: bool = True):
     """Train on crops of ``image_sets`` ([(N, 3, R, R), ...] in [-1, 1]); return (model, seconds).
 
     ``distill`` > 0 (needs ``teacher``, a fitted PatchPCAAutoencoder): for that fraction of the steps the encoder
@@ -113,10 +106,6 @@ def train_demo_vae(image_sets, *, steps: int, batch_size: int, crop: int, lr: fl
         else:  # decode a posterior sample; the KL term keeps the posterior near N(0, 1)
             latents = posterior.mean + posterior.std * noise  # (B, 4, c/8, c/8)
             encoder_loss = kl_weight * posterior.kl().mean()
-        if latent_noise > 0:  # the decoder also sees noisier latents, as a sampler's imperfect ones are
-            level = latent_noise * torch.rand(len(batch), 1, 1, 1, generator=generator)  # (B, 1, 1, 1)
-            scale = latents.detach().std()
-            latents = latents + level * scale * torch.randn(latents.shape, generator=generator)
         reconstruction = model.decode(latents).sample  # (B, 3, c, c)
         mse = torch.nn.functional.mse_loss(reconstruction, batch)
         loss = mse + encoder_loss
