@@ -63,11 +63,10 @@ def main() -> int:
     for r, x in held_out.items():
         with torch.no_grad():
             started = time.perf_counter()
-            v = psnr(x, vae.decode(vae.encode(x)))
-            vae_seconds = time.perf_counter() - started
-            pca_decoded = pca.decode(pca.encode(x)).clamp(-1, 1)
-            p = psnr(x, pca_decoded)
             vae_decoded = vae.decode(vae.encode(x))
+            vae_seconds = time.perf_counter() - started
+            pca_decoded = pca.decode(pca.encode(x))
+            v, p = psnr(x, vae_decoded), psnr(x, pca_decoded)
         result["psnr"][str(r)] = {"vae": round(v, 2), "pca": round(p, 2), "vae_round_trip_seconds": round(vae_seconds, 2)}
         print(f"{r:4d} px held-out PSNR: VAE {v:.2f} dB  patch-PCA {p:.2f} dB  ({v - p:+.2f} dB)")
         # steps across the 8-pixel block lines / elsewhere (bench_demo_seams.py): photos ≈ 1, per-block decoders >> 1

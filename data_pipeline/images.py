@@ -86,8 +86,8 @@ def read_image_grid(path: str, tile: int, padding: int = 2) -> np.ndarray:
     columns = (grid.shape[1] - padding) // (tile + padding)
     if rows * (tile + padding) + padding != grid.shape[0] or columns * (tile + padding) + padding != grid.shape[1]:
         raise ValueError(f"{path}: {grid.shape[1]}x{grid.shape[0]} px is not a grid of {tile} px tiles with {padding} px padding")
-    return np.stack([grid[padding + r * (tile + padding):][:tile, padding + c * (tile + padding):][:, :tile]
-                     for r in range(rows) for c in range(columns)])
+    corners = [(padding + r * (tile + padding), padding + c * (tile + padding)) for r in range(rows) for c in range(columns)]
+    return np.stack([grid[top : top + tile, left : left + tile] for top, left in corners])  # (N, tile, tile, 3)
 
 
 def block_seam_ratios(images: np.ndarray, periods: Sequence[int] = (8,)) -> dict[int, float]:
