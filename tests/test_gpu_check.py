@@ -38,6 +38,14 @@ def test_dry_run_walks_the_whole_gpu_check_on_cpu(tmp_path):
         assert r["batch"] == 2 and r["samples_per_s"] > 0 and r["tflops"] > 0 and r["mfu_measured"] > 0
     assert record["ratios"][0]["ours_over_diffusers"] > 0
     assert record["environment"]["torch"] and record["environment"]["diffusers"]
+    # step 3: the real Trainer ran its steps from latent shards and timed them between log steps
+    trainer = json.loads((tmp_path / "gpu_dryrun_trainer.json").read_text())
+    assert trainer["benchmark"] == "gpu_trainer" and trainer["dry_run"] is True
+    run = trainer["variants"]["eager"]
+    assert run["exit_code"] == 0 and run["window"] == [11, 15] and run["samples_per_s"] > 0
+    assert [r["step"] for r in run["trainer_records"]] == [10, 20, 24]
+    assert all(r["loss"] == r["loss"] and r["samples_per_sec"] > 0 for r in run["trainer_records"])
+    assert "syncs" not in run  # CUDA's sync-debug mode has nothing to count on CPU
     # the record fills docs/performance.md's GPU table
     table = subprocess.run([sys.executable, "benchmarks/bench_gpu_step.py", "--markdown", str(out)], cwd=REPO,
                            capture_output=True, text=True, timeout=120).stdout
