@@ -50,6 +50,7 @@ class DiTArgs:
     qk_norm: Optional[str] = None  # None, "layernorm" or "rmsnorm"
     ffn: str = "gelu"  # "gelu" (reference) or "swiglu"
     norm: str = "layernorm"  # "layernorm" (reference) or "rmsnorm"
+    output_conv: bool = False  # 3x3 conv over the unpatchified output, across token borders (models/dit.py)
     moe: Optional[MoEConfig] = None  # MoE feed-forward in every moe.every-th block
 
     def __post_init__(self):
@@ -69,10 +70,13 @@ class DiTArgs:
         return cls(**d)
 
     def to_dict(self) -> dict:
-        """Plain JSON; ``moe`` is left out for a dense model (as in checkpoints written before DiTArgs)."""
+        """Plain JSON; ``moe`` is left out for a dense model and ``output_conv`` when off (as in checkpoints written
+        before either existed, which ``from_dict`` reads back to the same record)."""
         out = dataclasses.asdict(self)
         if self.moe is None:
             del out["moe"]
+        if not self.output_conv:
+            del out["output_conv"]
         return out
 
     def with_input_size(self, input_size: int) -> "DiTArgs":

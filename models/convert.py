@@ -54,7 +54,8 @@ def diffusers_config(config: Any) -> dict[str, Any]:
         if input_size[0] != input_size[1]:
             raise ValueError(f"diffusers' DiT supports square inputs only, got input_size {input_size!r}")
         input_size = input_size[0]
-    for option, default in (("moe", None), ("qk_norm", None), ("ffn", "gelu"), ("norm", "layernorm")):
+    for option, default in (("moe", None), ("qk_norm", None), ("ffn", "gelu"), ("norm", "layernorm"),
+                            ("output_conv", False)):
         value = config.get(option, default) if isinstance(config, Mapping) else getattr(config, option, default)
         if value != default:
             raise ValueError(f"diffusers' DiT has no equivalent of {option}={value!r}")

@@ -159,6 +159,7 @@ class DiT(TokenGridMixin, nn.Module):
         qk_norm: str | None = None,
         ffn: str = "gelu",
         norm: str = "layernorm",
+        output_conv: bool = False,
         pe_interpolation: float = 1.0,
     ):
         super().__init__()
@@ -185,7 +186,7 @@ class DiT(TokenGridMixin, nn.Module):
             input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, grad_checkpoint=grad_checkpoint, moe=moe_config,
-            qk_norm=qk_norm, ffn=ffn, norm=norm, pe_interpolation=pe_interpolation,
+            qk_norm=qk_norm, ffn=ffn, norm=norm, output_conv=output_conv, pe_interpolation=pe_interpolation,
         )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -213,6 +214,16 @@ class DiT(TokenGridMixin, nn.Module):
             for i in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
+        # Each token writes its own p x p output patch from its own hidden vector, so until the tokens agree (long
+        # training) neighbouring patches disagree at their shared edge: a grid of seams every p latent pixels.
+        # Optional (off = the reference DiT): a 3x3 convolution over the unpatchified output, added residually and
+        # zero-initialised (the model starts as the plain DiT, and its construction draws nothing from the global
+        # generator, so the same seed gives the same weights), lets every output pixel see its neighbours across
+        # token borders, as U-ViT's final conv block does.
+        self.output_conv = None
+        if output_conv:
+            with torch.random.fork_rng(devices=[]):
+                self.output_conv = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)
         self.initialize_weights()
 
     # ------------------------------------------------------------------ initialisation
@@ -240,6 +251,9 @@ class DiT(TokenGridMixin, nn.Module):
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
+        if self.output_conv is not None:
+            nn.init.zeros_(self.output_conv.weight)
+            nn.init.zeros_(self.output_conv.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """A checkpoint from another resolution carries a pos_embed of another length: use ours instead."""
@@ -281,6 +295,8 @@ class DiT(TokenGridMixin, nn.Module):
                 x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         x = self.unpatchify(x, grid)  # (N, C_out, H, W)
+        if self.output_conv is not None:
+            x = x + self.output_conv(x)  # (N, C_out, H, W): mixes across token borders
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()
         return x

@@ -73,12 +73,15 @@ class FinalLayer(nn.Module):
         super().__init__()
         dit = source.model
         self.final_layer = dit.final_layer
+        self.output_conv = dit.output_conv  # None for the reference DiT
         self.patch_size, self.out_channels = dit.patch_size, dit.out_channels
 
     def forward(self, inputs):
         x, c, grid = inputs
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         x = unpatchify(x, (int(grid[0]), int(grid[1])), self.patch_size, self.out_channels)  # (N, C_out, H, W)
+        if self.output_conv is not None:
+            x = x + self.output_conv(x)  # (N, C_out, H, W)
         return x.float() if torch.is_autocast_enabled(x.device.type) else x
 
 
@@ -100,7 +103,8 @@ def layer_parameter_counts(model: nn.Module) -> list[int]:
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
     embed = count(model.x_embedder) + count(model.t_embedder) + count(model.y_embedder)
-    return [embed] + [count(b) for b in model.blocks] + [count(model.final_layer)]
+    final = count(model.final_layer) + (count(model.output_conv) if model.output_conv is not None else 0)
+    return [embed] + [count(b) for b in model.blocks] + [final]
 
 
 def partition_bounds(counts: list[int], stages: int, method: str) -> list[int]:
