@@ -50,7 +50,7 @@ class DiTArgs:
     qk_norm: Optional[str] = None  # None, "layernorm" or "rmsnorm"
     ffn: str = "gelu"  # "gelu" (reference) or "swiglu"
     norm: str = "layernorm"  # "layernorm" (reference) or "rmsnorm"
-    output_conv: bool = False  # 3x3 conv over the unpatchified output, across token borders (models/dit.py)
+    output_conv: int = 0  # 3x3 conv layers over the unpatchified output, across token borders (0 off; models/layers.py)
     moe: Optional[MoEConfig] = None  # MoE feed-forward in every moe.every-th block
 
     def __post_init__(self):

@@ -55,7 +55,7 @@ def diffusers_config(config: Any) -> dict[str, Any]:
             raise ValueError(f"diffusers' DiT supports square inputs only, got input_size {input_size!r}")
         input_size = input_size[0]
     for option, default in (("moe", None), ("qk_norm", None), ("ffn", "gelu"), ("norm", "layernorm"),
-                            ("output_conv", False)):
+                            ("output_conv", 0)):
         value = config.get(option, default) if isinstance(config, Mapping) else getattr(config, option, default)
         if value != default:
             raise ValueError(f"diffusers' DiT has no equivalent of {option}={value!r}")

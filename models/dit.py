@@ -21,6 +21,7 @@ from .layers import (
     Attention,
     FinalLayer,
     LabelEmbedder,
+    OutputConv,
     PatchEmbed,
     TimestepEmbedder,
     make_ffn,
@@ -159,7 +160,7 @@ class DiT(TokenGridMixin, nn.Module):
         qk_norm: str | None = None,
         ffn: str = "gelu",
         norm: str = "layernorm",
-        output_conv: bool = False,
+        output_conv: int = 0,
         pe_interpolation: float = 1.0,
     ):
         super().__init__()
@@ -220,10 +221,12 @@ class DiT(TokenGridMixin, nn.Module):
         # zero-initialised (the model starts as the plain DiT, and its construction draws nothing from the global
         # generator, so the same seed gives the same weights), lets every output pixel see its neighbours across
         # token borders, as U-ViT's final conv block does.
+        if output_conv not in (0, 1, 2) or isinstance(output_conv, float):
+            raise ValueError(f"output_conv must be 0 (off), 1 or 2 conv layers, got {output_conv!r}")
         self.output_conv = None
         if output_conv:
             with torch.random.fork_rng(devices=[]):
-                self.output_conv = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)
+                self.output_conv = OutputConv(self.out_channels, int(output_conv))
         self.initialize_weights()
 
     # ------------------------------------------------------------------ initialisation
@@ -251,9 +254,6 @@ class DiT(TokenGridMixin, nn.Module):
         nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
-        if self.output_conv is not None:
-            nn.init.zeros_(self.output_conv.weight)
-            nn.init.zeros_(self.output_conv.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """A checkpoint from another resolution carries a pos_embed of another length: use ours instead."""
@@ -296,7 +296,7 @@ class DiT(TokenGridMixin, nn.Module):
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         x = self.unpatchify(x, grid)  # (N, C_out, H, W)
         if self.output_conv is not None:
-            x = x + self.output_conv(x)  # (N, C_out, H, W): mixes across token borders
+            x = self.output_conv(x)  # (N, C_out, H, W): x + convs(x), mixes across token borders
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()
         return x

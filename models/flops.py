@@ -53,6 +53,6 @@ def dit_forward_flops(model: nn.Module, grid: tuple[int, int] | None = None) -> 
     flops += _linear_flops(model.final_layer.linear, tokens)
     flops += _linear_flops(model.final_layer.adaLN_modulation[-1], 1)
     conv = getattr(model, "output_conv", None)
-    if conv is not None:  # 3x3 conv over the (p*grid_h) x (p*grid_w) output
-        flops += 2 * tokens * model.patch_size**2 * conv.in_channels * conv.out_channels * 9
+    if conv is not None:  # 3x3 convs over the (p*grid_h) x (p*grid_w) output
+        flops += conv.flops(tokens * model.patch_size**2)
     return flops

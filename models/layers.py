@@ -192,6 +192,32 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class OutputConv(nn.Sequential):
+    """Residual 3x3 convolutions over the unpatchified output (N, C, H, W), across token borders.
+
+    ``layers`` 1: one linear conv C -> C; 2: conv C -> 4C, SiLU, conv 4C -> C (a 5x5 reach, nonlinear). The last
+    conv is zero-initialised, so ``x + block(x)`` starts as the identity and the DiT as the reference one.
+    """
+
+    def __init__(self, channels: int, layers: int):
+        if layers not in (1, 2):
+            raise ValueError(f"output_conv must be 0 (off), 1 or 2 conv layers, got {layers!r}")
+        if layers == 1:
+            convs = [nn.Conv2d(channels, channels, 3, padding=1)]
+        else:
+            convs = [nn.Conv2d(channels, 4 * channels, 3, padding=1), nn.SiLU(),
+                     nn.Conv2d(4 * channels, channels, 3, padding=1)]
+        super().__init__(*convs)
+        nn.init.zeros_(self[-1].weight)
+        nn.init.zeros_(self[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)  # (N, C, H, W)
+
+    def flops(self, pixels: int) -> int:
+        return sum(2 * pixels * m.in_channels * m.out_channels * 9 for m in self if isinstance(m, nn.Conv2d))
+
+
 class FinalLayer(nn.Module):
     """Modulated norm and linear head: (N, T, D) -> (N, T, p*p*C_out)."""
 

@@ -81,7 +81,7 @@ class FinalLayer(nn.Module):
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         x = unpatchify(x, (int(grid[0]), int(grid[1])), self.patch_size, self.out_channels)  # (N, C_out, H, W)
         if self.output_conv is not None:
-            x = x + self.output_conv(x)  # (N, C_out, H, W)
+            x = self.output_conv(x)  # (N, C_out, H, W), residual
         return x.float() if torch.is_autocast_enabled(x.device.type) else x
 
 

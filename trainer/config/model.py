@@ -39,6 +39,8 @@ def architecture(cfg: RunConfig, *, in_channels: int, input_size: int, num_class
         raise ConfigError(f"model.hidden_size={pick['hidden_size']} is not divisible by model.num_heads={pick['num_heads']}")
     if input_size % pick["patch_size"]:
         raise ConfigError(f"latent size {input_size} is not divisible by model.patch_size={pick['patch_size']}")
+    if m.output_conv not in (0, 1, 2):
+        raise ConfigError(f"model.output_conv must be 0 (off), 1 or 2 conv layers, got {m.output_conv!r}")
     moe = None
     if m.moe.num_experts > 0:
         moe = {"num_experts": m.moe.num_experts, "top_k": m.moe.top_k, "every": m.moe.every,

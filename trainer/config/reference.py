@@ -28,7 +28,7 @@ HELP = {
     "model.num_classes": "0 = from the shard manifest",
     "model.learn_sigma": "predict the variance too (2C output channels, hybrid loss)",
     "model.qk_norm": "normalise per-head q and k (keeps long bf16 runs stable)",
-    "model.output_conv": "a zero-initialised 3×3 conv over the output, across token borders (U-ViT's final conv): removes the token-grid seams of briefly trained models; off = the reference DiT; not exportable to diffusers",
+    "model.output_conv": "3×3 conv layers over the output, across token borders, added residually and zero-initialised (U-ViT's final conv): 0 off (the reference DiT), 1 one conv, 2 conv-SiLU-conv; fainter token-grid seams in briefly trained models; not exportable to diffusers",
     "model.ffn": "`gelu` (official MLP) or `swiglu`",
     "model.norm": "`layernorm` (official) or `rmsnorm`",
     "model.grad_checkpoint": "activation checkpointing: 0 off, 1 every block, k every k-th block",

@@ -59,7 +59,7 @@ class ModelSection:
     learn_sigma: bool = True
     qk_norm: str = "none"  # none | rmsnorm | layernorm
     ffn: str = "gelu"  # gelu (official MLP) | swiglu
-    output_conv: bool = False  # 3x3 conv over the DiT's output across token borders (models/dit.py); off = reference
+    output_conv: int = 0  # 3x3 conv layers over the DiT's output across token borders (0 off = reference, 1, 2)
     norm: str = "layernorm"
     grad_checkpoint: int = 0  # 0 off, 1 every block, k every k-th block
     moe: MoESection = field(default_factory=MoESection)
