@@ -4,8 +4,10 @@ On a GPU each of these blocks the Python thread until every kernel queued before
 while the host catches up: reading a device tensor (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``,
 ``bool()``, ``float()``, ``int()``), a blocking copy to the device (``.to(device)`` / ``torch.tensor(...,
 device=...)`` without ``non_blocking``, which ends in a stream synchronisation), and explicit synchronisation
-(``torch.cuda.synchronize``, DeepSpeed's ``get_accelerator().synchronize()``). On a CPU run the same Python calls
-happen (the code paths are device-independent), so patching them counts what a GPU run would pay.
+(``torch.cuda.synchronize``, DeepSpeed's ``get_accelerator().synchronize()``), and ``masked_fill(mask, tensor)``,
+whose CUDA kernel reads the fill value with ``.item()`` (found by counting with CUDA's own sync-debug mode on an
+H200: benchmarks/bench_gpu_trainer.py). On a CPU run the same Python calls happen (the code paths are
+device-independent), so patching them counts what a GPU run would pay.
 
 Each call is attributed to the innermost frame outside torch: ``trainer`` (this repository: trainer/, models/,
 data_pipeline/), ``deepspeed`` or ``other``. Tensors reduced over the trainer's host gloo group
@@ -104,6 +106,15 @@ class HostSyncCounter:
             return factory
         self._patch(torch, "tensor", lambda o: make_factory(o, "tensor(device=)"))
         self._patch(torch, "as_tensor", lambda o: make_factory(o, "as_tensor(device=)"))
+
+        def make_masked_fill(original, kind):
+            def masked_fill(t, mask, value, *args, **kwargs):
+                if isinstance(value, torch.Tensor):  # CUDA reads a tensor fill value with .item() inside the op
+                    counter._record(kind, value)
+                return original(t, mask, value, *args, **kwargs)
+            return masked_fill
+        for name in ("masked_fill", "masked_fill_"):
+            self._patch(torch.Tensor, name, lambda o, kind=f"{name}(tensor value)": make_masked_fill(o, kind))
 
         def make_sync(original):
             def sync(*args, **kwargs):

@@ -65,3 +65,21 @@ def test_deepspeed_syncs_are_counted_and_listed_apart(counts):
         assert any("is_invalid_grad_norm" in s for s in sites)  # ZeRO's overflow/clipping checks read the norm
         # the throughput timer's two device synchronisations per micro-step are switched off by the fill
         assert not any("timer.py" in s for s in sites)
+
+
+def test_cpu_count_of_deepspeed_syncs_matches_what_cuda_reported(counts):
+    """On an H200, CUDA's sync-debug mode counted 7 DeepSpeed syncs per steady ZeRO-2 step (two parameter groups):
+    is_invalid_grad_norm ×3 and, per group, mask_nan_or_inf_with_val_inplace's torch.tensor(device=) and its
+    masked_fill_ with that tensor. The CPU counter finds the same seven, plus the `.to(current_device)` calls of
+    get_grad_norm_direct, which CUDA showed are no-ops there (the norms already live on the device)."""
+    record = json.loads(open(os.path.join(REPO, "benchmarks", "results",
+                                          "gpu_NVIDIA_H200_2026-12-04_trainer.json")).read())
+    on_gpu = record["variants"]["compiled"]["syncs"]["steady_steps_max"]["deepspeed"]
+    for r in counts:
+        sites = r["deepspeed_sites"][STEADY[0]]
+        real = {site: n for site, n in sites.items() if not site.startswith("to(device)")}
+        assert sum(n for site, n in real.items() if "is_invalid_grad_norm" in site) == 3
+        assert sum(n for site, n in real.items() if site.startswith("masked_fill_(tensor value)")) == 2
+        assert sum(n for site, n in real.items() if "mask_nan_or_inf_with_val_inplace" in site) == 4
+        assert sum(real.values()) == on_gpu == 7
+        assert all("get_grad_norm_direct" in site for site in set(sites) - set(real))
