@@ -217,8 +217,8 @@ class DiT(TokenGridMixin, nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm)
         # Each token writes its own p x p output patch from its own hidden vector, so until the tokens agree (long
         # training) neighbouring patches disagree at their shared edge: a grid of seams every p latent pixels.
-        # Optional (off = the reference DiT): a 3x3 convolution over the unpatchified output, added residually and
-        # zero-initialised (the model starts as the plain DiT, and its construction draws nothing from the global
+        # Optional (off = the reference DiT): one or two 3x3 convolutions over the unpatchified output, added
+        # residually and zero-initialised (the model starts as the plain DiT, and its construction draws nothing from the global
         # generator, so the same seed gives the same weights), lets every output pixel see its neighbours across
         # token borders, as U-ViT's final conv block does.
         if output_conv not in (0, 1, 2) or isinstance(output_conv, float):
