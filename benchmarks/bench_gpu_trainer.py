@@ -55,30 +55,22 @@ def overrides(args, data_root: str, run_dir: str, compiled: bool) -> list[str]:
 # --------------------------------------------------------------------------- one variant, in its own process
 
 class SyncRecorder:
-    """Collects CUDA's synchronisation warnings as (step, origin, site)."""
+    """Collects CUDA's synchronisation warnings as (step, origin, site), attributed by tests/host_syncs.py's rule
+    (origin "trainer" = this repository, "deepspeed" or "other"), so the CPU and the CUDA counts read alike."""
 
-    def __init__(self, torch_dir: str):
-        self.torch_dir = torch_dir
+    def __init__(self):
         self.step = 0
         self.records: list[tuple[int, str, str]] = []
         self._show = warnings.showwarning
-
-    def origin(self) -> tuple[str, str]:
-        frame = sys._getframe(2)
-        while frame is not None:
-            path = os.path.abspath(frame.f_code.co_filename)
-            if path != HERE and not path.startswith(self.torch_dir) and not path.endswith("warnings.py"):
-                site = f"{path}:{frame.f_lineno} {frame.f_code.co_name}"
-                if path.startswith(str(REPO)):
-                    return "this repository", site.replace(str(REPO) + os.sep, "")
-                bucket = "deepspeed" if f"{os.sep}deepspeed{os.sep}" in path else "other"
-                return bucket, site.split("site-packages" + os.sep)[-1]
-            frame = frame.f_back
-        return "other", "?"
+        # frames to look past: this file (the step wrapper) and the warnings machinery that calls showwarning
+        machinery = warnings._showwarnmsg.__code__.co_filename if hasattr(warnings, "_showwarnmsg") else warnings.__file__
+        self._skip = (HERE, os.path.abspath(machinery))
 
     def showwarning(self, message, category, filename, lineno, file=None, line=None):
         if SYNC_WARNING in str(message):
-            self.records.append((self.step, *self.origin()))
+            from tests.host_syncs import frame_origin
+
+            self.records.append((self.step, *frame_origin(sys._getframe(1), self._skip)))
             return
         self._show(message, category, filename, lineno, file, line)
 
@@ -125,7 +117,7 @@ def run_variant(args) -> int:
     trainer.setup()
     setup_s = time.perf_counter() - t0
     starts: dict[int, float] = {}
-    recorder = SyncRecorder(os.path.dirname(os.path.abspath(torch.__file__))) if on_cuda else None
+    recorder = SyncRecorder() if on_cuda else None
     step_fn = trainer._train_step
 
     def timed_step(*a, **k):
@@ -165,9 +157,9 @@ def run_variant(args) -> int:
         result["syncs"] = {
             "per_step": {s: dict(c) for s, c in per_step.items()},
             "steady_steps_max": {o: max(per_step[s].get(o, 0) for s in steady)
-                                 for o in ("this repository", "deepspeed", "other")},
+                                 for o in ("trainer", "deepspeed", "other")},
             "log_steps_max": {o: max(per_step[s].get(o, 0) for s in log_steps if s < args.steps)
-                              for o in ("this repository", "deepspeed", "other")},
+                              for o in ("trainer", "deepspeed", "other")},
             "sites_steady": dict(Counter(f"{o}: {site}" for st, o, site in recorder.records if st in steady)),
             "sites_log_steps": dict(Counter(f"{o}: {site}" for st, o, site in recorder.records
                                             if st in log_steps and st < args.steps)),

@@ -36,6 +36,25 @@ def _has_device(args, kwargs) -> bool:
                for a in args)
 
 
+def frame_origin(frame, skip: tuple = ()) -> tuple[str, str]:
+    """(origin, site) of the innermost frame, from ``frame`` outwards, outside torch, this file and ``skip``:
+    origin "trainer" (this repository), "deepspeed" or "other". Shared with benchmarks/bench_gpu_trainer.py, which
+    attributes CUDA's own sync-debug warnings by the same rule."""
+    skip = (HERE, *skip)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if path not in skip and not path.startswith(TORCH_DIR):
+            site = f"{os.path.relpath(path, REPO) if path.startswith(REPO) else path}:{frame.f_lineno} " \
+                   f"{frame.f_code.co_name}"
+            if path.startswith(REPO):
+                return "trainer", site
+            if f"{os.sep}deepspeed{os.sep}" in path:
+                return "deepspeed", site.split("site-packages" + os.sep)[-1]
+            return "other", site.split("site-packages" + os.sep)[-1]
+        frame = frame.f_back
+    return "other", "?"
+
+
 class HostSyncCounter:
     """Context manager; ``records`` holds (bucket, origin, kind, site) for every counted call."""
 
@@ -47,19 +66,7 @@ class HostSyncCounter:
 
     # ------------------------------------------------------------------ attribution
     def _origin(self) -> tuple[str, str]:
-        frame = sys._getframe(2)
-        while frame is not None:
-            path = os.path.abspath(frame.f_code.co_filename)
-            if path != HERE and not path.startswith(TORCH_DIR):
-                site = f"{os.path.relpath(path, REPO) if path.startswith(REPO) else path}:{frame.f_lineno} " \
-                       f"{frame.f_code.co_name}"
-                if path.startswith(REPO):
-                    return "trainer", site
-                if f"{os.sep}deepspeed{os.sep}" in path:
-                    return "deepspeed", site.split("site-packages" + os.sep)[-1]
-                return "other", site.split("site-packages" + os.sep)[-1]
-            frame = frame.f_back
-        return "other", "?"
+        return frame_origin(sys._getframe(2))
 
     def _record(self, kind: str, tensor=None) -> None:
         if self.bucket is None:

@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 
 from tests.runs import REPO
 
@@ -56,3 +57,26 @@ def test_dry_run_walks_the_whole_gpu_check_on_cpu(tmp_path):
     # under a minute of work (CPU seconds, which a loaded shared machine does not inflate the way it does wall time)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     assert cpu < 60, f"dry run used {cpu:.0f} CPU seconds ({wall:.0f} s wall)"
+
+
+def test_cuda_sync_warnings_are_attributed_like_the_cpu_counter():
+    """bench_gpu_trainer's recorder files each of CUDA's "called a synchronizing CUDA operation" warnings under its
+    step and the innermost frame outside torch, the warnings machinery and the benchmark (tests/host_syncs.py's
+    rule); other warnings pass through."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from bench_gpu_trainer import SYNC_WARNING, SyncRecorder
+
+    recorder = SyncRecorder()
+    recorder.step = 3
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        warnings.showwarning = recorder.showwarning
+
+        def reads_a_device_tensor():
+            warnings.warn(SYNC_WARNING)  # how torch's C++ TORCH_WARN reaches Python
+            return sys._getframe().f_lineno - 1
+
+        line = reads_a_device_tensor()
+        warnings.warn("something else")
+    assert recorder.records == [(3, "trainer", f"tests/test_gpu_check.py:{line} reads_a_device_tensor")]
+    assert [str(w.message) for w in passed] == ["something else"]
