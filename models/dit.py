@@ -221,12 +221,10 @@ class DiT(TokenGridMixin, nn.Module):
         # residually and zero-initialised (the model starts as the plain DiT, and its construction draws nothing from the global
         # generator, so the same seed gives the same weights), lets every output pixel see its neighbours across
         # token borders, as U-ViT's final conv block does.
-        if output_conv not in (0, 1, 2) or isinstance(output_conv, float):
-            raise ValueError(f"output_conv must be 0 (off), 1 or 2 conv layers, got {output_conv!r}")
         self.output_conv = None
-        if output_conv:
+        if output_conv != 0 or isinstance(output_conv, float):  # OutputConv refuses anything but 1 and 2
             with torch.random.fork_rng(devices=[]):
-                self.output_conv = OutputConv(self.out_channels, int(output_conv))
+                self.output_conv = OutputConv(self.out_channels, output_conv)
         self.initialize_weights()
 
     # ------------------------------------------------------------------ initialisation

@@ -200,7 +200,7 @@ class OutputConv(nn.Sequential):
     """
 
     def __init__(self, channels: int, layers: int):
-        if layers not in (1, 2):
+        if layers not in (1, 2) or isinstance(layers, float):
             raise ValueError(f"output_conv must be 0 (off), 1 or 2 conv layers, got {layers!r}")
         if layers == 1:
             convs = [nn.Conv2d(channels, channels, 3, padding=1)]
