@@ -112,6 +112,43 @@ def block_seam_ratios(images: np.ndarray, periods: Sequence[int] = (8,)) -> dict
     return ratios
 
 
+def periodic_texture_ratios(images: np.ndarray, periods: Sequence[int] = (8, 16), reach: int = 2) -> dict[int, float]:
+    """Per period p: the spectral power at the frequencies of a p-pixel repeat / the power at their neighbours.
+
+    Why: ``block_seam_ratios`` sees sharp steps on the grid lines, not a soft bump repeated in every token (a blob
+    per 16-pixel cell scores ≈ 1 there while the eye sees a grid). A pattern that repeats every p pixels puts
+    power at the multiples of W/p cycles per tile; a photo's spectrum is smooth there, so it scores ≈ 1.
+    Power is |FFT|² of the pixel differences along each row and each column of each tile, averaged; a frequency
+    shared by two listed periods counts for the smaller one (a period-8 pattern repeats every 16 pixels too).
+    Neighbours are the frequencies within ``reach`` that belong to no listed period. ``images``: (N, H, W, 3) uint8, H and W
+    multiples of every period.
+    """
+    pixels = images.astype(np.float64)  # (N, H, W, 3)
+    n, height, width, _ = pixels.shape
+    for p in periods:
+        if height % p or width % p:
+            raise ValueError(f"tiles of {height}x{width} px are not a whole number of {p}-pixel periods")
+
+    def spectrum(axis: int, size: int) -> np.ndarray:  # (size // 2 + 1,): mean power per frequency along ``axis``
+        power = (np.abs(np.fft.rfft(pixels, axis=axis)) ** 2).mean(axis=tuple(a for a in range(4) if a != axis))
+        # of the (circular) pixel differences, not the pixels: whitens a photo's ~1/f² fall so that neighbours on
+        # either side of a low frequency compare fairly (a repeated pattern's differences repeat all the same)
+        return power * 4 * np.sin(np.pi * np.arange(len(power)) / size) ** 2
+
+    ratios = {}
+    for size, power in ((height, spectrum(1, height)), (width, spectrum(2, width))):
+        frequencies = np.arange(len(power))
+        owner = np.zeros(len(power), dtype=np.int64)  # the smallest listed period a frequency belongs to (0: none)
+        for p in sorted(periods, reverse=True):
+            owner[(frequencies > 0) & (frequencies % (size // p) == 0)] = p
+        for p in periods:
+            peaks = frequencies[owner == p]
+            near = {int(f + d) for f in peaks for d in range(-reach, reach + 1) if d}
+            near = [f for f in sorted(near) if 0 < f < len(power) and owner[f] == 0]
+            ratios.setdefault(p, []).append(power[peaks].mean() / max(power[near].mean(), 1e-12))
+    return {p: float(np.mean(values)) for p, values in ratios.items()}
+
+
 @dataclass(frozen=True)
 class ImageItem:
     path: str

@@ -9,8 +9,8 @@ import torch
 
 from data_pipeline import demo_vae
 from data_pipeline.demo_data import available_photos, build_demo_data
-from data_pipeline.images import (block_seam_ratios, center_crop_arr, load_rgb, model_to_uint8, read_image_grid,
-                                  save_image_grid, uint8_to_model)
+from data_pipeline.images import (block_seam_ratios, center_crop_arr, load_rgb, model_to_uint8, periodic_texture_ratios,
+                                  read_image_grid, save_image_grid, uint8_to_model)
 from data_pipeline.loader import LatentLoader
 from data_pipeline.pca_autoencoder import PatchPCAAutoencoder
 from data_pipeline.vae import DiffusersVAE, load_vae_from_manifest
@@ -116,3 +116,26 @@ def test_block_seam_ratio_finds_the_patch_pca_seams_and_reads_grids_back(tmp_pat
     assert np.array_equal(read_image_grid(path, 128), model_to_uint8(decoded))
     with pytest.raises(ValueError, match="grid.png.*64 px tiles"):
         read_image_grid(path, 64)
+
+
+def _with_repeated_bump(images: np.ndarray, period: int, amplitude: float) -> np.ndarray:
+    """``images`` (N, H, W, 3) uint8 plus a soft round bump centred in every ``period``-pixel cell (a token's blob)."""
+    coords = (np.arange(images.shape[1]) % period - (period - 1) / 2) / (period / 4)
+    bump = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2))  # (H, W), peak 1 in each cell's centre
+    return np.clip(images + amplitude * bump[None, :, :, None], 0, 255).astype(np.uint8)
+
+
+def test_periodic_texture_ratio_sees_a_blob_repeated_in_every_token_where_the_seam_ratio_does_not():
+    """The sample grids' visible defect is a soft blob repeated in each 16-pixel token cell, which has no sharp step
+    on the grid lines: the seam ratio stays ≈ 1 on it, the spectral ratio rises well above a photo's ≈ 1, and for the
+    period that is repeated, not the other one; tiles that are not whole periods are refused."""
+    images = model_to_uint8(photos(128))  # (8, 128, 128, 3)
+    clean = periodic_texture_ratios(images, (8, 16))
+    assert all(0.8 < ratio < 1.2 for ratio in clean.values()), clean  # measured 0.97 / 1.02
+    tokens = _with_repeated_bump(images, 16, 64.0)
+    assert block_seam_ratios(tokens, (8, 16))[16] < 1.1  # steps on the lines: none to see (measured 0.89)
+    assert periodic_texture_ratios(tokens, (8, 16))[16] > 1.5  # measured 1.83; the demo grids' blobs: 2.0-3.2
+    latents = periodic_texture_ratios(_with_repeated_bump(images, 8, 64.0), (8, 16))
+    assert latents[8] > 3.0 and latents[16] < 1.2, latents  # an 8-pixel repeat is not counted as a 16-pixel one
+    with pytest.raises(ValueError, match="120x120 px.*16-pixel"):
+        periodic_texture_ratios(images[:, :120, :120], (8, 16))
