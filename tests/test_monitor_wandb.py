@@ -104,6 +104,15 @@ def test_offline_wandb_run_holds_the_metrics_and_a_sample_image(monitored_run):
     assert len(images) == 2 and all(img["_type"] == "image-file" and img["format"] == "png" for img in images)
     media = glob.glob(os.path.join(os.path.dirname(files[0]), "files", "media", "images", "samples_*.png"))
     assert len(media) == 2
+    # each grid's sampled-latent spread: in its events.jsonl image event and beside the image in W&B
+    events = [json.loads(line) for line in open(os.path.join(run_dir, "events.jsonl"))]
+    spreads = {e["step"]: e for e in events if e.get("event") == "image"}
+    assert sorted(spreads) == [3, 6]
+    for step, event in spreads.items():
+        assert 0 < event["latent_std"] < event["latent_absmax"] < 1e3, event
+        row = next(r for r in rec["history"] if r.get("_step") == step and "samples" in r)
+        assert (row["samples/latent_std"], row["samples/latent_absmax"]) == pytest.approx(
+            (event["latent_std"], event["latent_absmax"]))
     # config logged resolved: run config, filled DeepSpeed config, model architecture
     cfg = rec["config"]
     assert cfg["config"]["train"]["max_steps"] == 6 and cfg["config"]["log"]["wandb"]["mode"] == "offline"

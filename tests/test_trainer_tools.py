@@ -1,5 +1,6 @@
 """Sample and export tools on a real (tiny, single-process) run directory."""
 import os
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,9 @@ def test_sample_tool_writes_a_class_grid(tiny_run, tmp_path):
                            "--per-class", "2", "--steps", "4", "--cfg-scale", "1.5", "--seed", "1"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == out  # the path alone on its line, for scripts
+    spread = re.search(r"sampled latents: std ([0-9.]+), \|max\| ([0-9.]+)", proc.stderr)
+    assert spread and 0 < float(spread[1]) < float(spread[2]), proc.stderr
     grid = Image.open(out)
     # 3 rows (classes) × 2 columns of 64-px images with 2-px padding.
     assert grid.size == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2)

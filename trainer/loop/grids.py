@@ -41,10 +41,12 @@ def ema_sample_grid(trainer, stage, name: Optional[str] = None) -> Optional[str]
     classes = list(trainer.cfg.sample.classes) or list(range(arch.num_classes))
     path = os.path.join(trainer.run_dir, "samples", name or f"step{trainer.state.step:08d}.png")
     s = trainer.cfg.sample
-    sample_grid(model, trainer.objective, grid_vae(shards, trainer.device), path, classes=classes,
-                per_class=s.per_class, latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale, steps=s.steps,
-                method=s.method, seed=s.seed, device=trainer.device, num_classes=arch.num_classes)
-    trainer.metrics.log_image(trainer.state.step, "samples", path)
-    print(f"[trainer] sample grid {path}", flush=True)
+    _, spread = sample_grid(model, trainer.objective, grid_vae(shards, trainer.device), path, classes=classes,
+                            per_class=s.per_class, latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale,
+                            steps=s.steps, method=s.method, seed=s.seed, device=trainer.device,
+                            num_classes=arch.num_classes)
+    trainer.metrics.log_image(trainer.state.step, "samples", path, spread)  # events.jsonl; W&B samples/latent_*
+    print(f"[trainer] sample grid {path} (sampled latents: std {spread['latent_std']:.2f}, "
+          f"|max| {spread['latent_absmax']:.1f}; the training latents' std is about 1)", flush=True)
     barrier()
     return path

@@ -44,8 +44,8 @@ class JsonlSink:
     def event(self, record: dict) -> None:
         self._append(self.events_path, dict(record, time=record.get("time", time.time())))
 
-    def log_image(self, step: int, key: str, path: str) -> None:
-        self.event({"step": step, "event": "image", "key": key, "path": path})
+    def log_image(self, step: int, key: str, path: str, info: dict | None = None) -> None:
+        self.event({"step": step, "event": "image", "key": key, "path": path, **(info or {})})
 
     def alert(self, title: str, text: str, level: str = "WARN") -> None:
         self.event({"event": "alert", "title": title, "text": text, "level": level})
@@ -61,7 +61,7 @@ class NullSink:
     def event(self, record: dict) -> None:
         pass
 
-    def log_image(self, step: int, key: str, path: str) -> None:
+    def log_image(self, step: int, key: str, path: str, info: dict | None = None) -> None:
         pass
 
     def alert(self, title: str, text: str, level: str = "WARN") -> None:
@@ -99,8 +99,9 @@ class Metrics:
     def event(self, record: dict) -> None:
         self._each("event", record)
 
-    def log_image(self, step: int, key: str, path: str) -> None:
-        self._each("log_image", step, key, path)
+    def log_image(self, step: int, key: str, path: str, info: dict | None = None) -> None:
+        """``info``: numbers about the image (the sample grids' latent spread), kept with its event."""
+        self._each("log_image", step, key, path, info)
 
     def alert(self, title: str, text: str, level: str = "WARN") -> None:
         print(f"[alert] {title}: {text}", file=sys.stderr, flush=True)

@@ -123,8 +123,9 @@ class WandbSink:
             self.run.log({"rollback/count": record["rollback"], "rollback/to_step": record["to_step"],
                           "rollback/skipped_samples": record["skipped_samples"]}, step=record["from_step"])
 
-    def log_image(self, step: int, key: str, path: str) -> None:
-        self.run.log({key: self.wandb.Image(path, caption=os.path.basename(path))}, step=step)
+    def log_image(self, step: int, key: str, path: str, info: dict | None = None) -> None:
+        self.run.log({key: self.wandb.Image(path, caption=os.path.basename(path)),
+                      **{f"{key}/{name}": value for name, value in (info or {}).items()}}, step=step)
 
     def alert(self, title: str, text: str, level: str = "WARN") -> None:
         if self.mode == "online":  # alerts need the server; offline runs keep them in events.jsonl

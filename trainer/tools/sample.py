@@ -45,12 +45,14 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(run_dir, "samples", f"sample-{os.path.basename(ck)}.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     vae = load_vae_from_manifest(shards.directory, device=device)  # decodes where the samples are
-    sample_grid(model, objective, vae, out, classes=classes,
+    _, spread = sample_grid(model, objective, vae, out, classes=classes,
                 per_class=args.per_class or s.per_class, latent_shape=shards.latent_shape,
                 cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                 steps=args.steps or s.steps, method=args.method or s.method,
                 seed=s.seed if args.seed is None else args.seed, device=device, num_classes=arch.num_classes)
     print(out)
+    print(f"sampled latents: std {spread['latent_std']:.2f}, |max| {spread['latent_absmax']:.1f} "
+          "(the training latents' std is about 1)", file=sys.stderr)
     return 0
 
 
