@@ -1,8 +1,10 @@
 """VAE adapters: one interface over diffusers AutoencoderKL models and the offline PCA encoder.
 
 Every adapter maps images (N, 3, H, W) in [-1, 1] to *scaled* latents
-``latent = (posterior_mean_or_sample - shift_factor) * scaling_factor`` and back, and describes
-itself with a JSON-able ``spec`` stored in the shard manifest. ``load_vae_from_manifest`` rebuilds
+``latent = (posterior_mean_or_sample - shift_factor) * scaling_factor`` and back (per channel
+``(raw - latents_mean) * scaling_factor / latents_std`` for a VAE whose config carries those, as diffusers'
+SDXL pipelines apply them, e.g. Playground v2.5's), and describes itself with a JSON-able ``spec`` stored
+in the shard manifest. ``load_vae_from_manifest`` rebuilds
 the same encoder from that spec, so sampling decodes with exactly the VAE the shards were made with.
 """
 
@@ -94,6 +96,11 @@ class DiffusersVAE:
         self.scaling_factor = float(config.scaling_factor if config.scaling_factor is not None else 1.0)
         self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
         self.latent_channels = int(config.latent_channels)
+        self.latents_mean, self.latents_std = _channel_statistics(config, self.latent_channels, name_or_path)
+        if self.latents_mean is not None and self.shift_factor:
+            raise ValueError(f"VAE {name_or_path}: its config sets both latents_mean/latents_std and shift_factor "
+                             f"({self.shift_factor}); diffusers' pipelines apply one or the other, so which one the "
+                             "latents were made with is ambiguous")
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self.sample_posterior = sample_posterior
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -107,6 +114,8 @@ class DiffusersVAE:
             "downsample": self.downsample,
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
+            "latents_mean": self.latents_mean,
+            "latents_std": self.latents_std,
             "sample_posterior": sample_posterior,
         }
 
@@ -116,14 +125,49 @@ class DiffusersVAE:
         with autocast_context(self.device, self.precision):
             posterior = self.model.encode(images).latent_dist
             raw = posterior.sample(generator=self._generator) if self.sample_posterior else posterior.mean
-        return ((raw.float() - self.shift_factor) * self.scaling_factor).cpu()  # (N, C, H/f, W/f)
+        raw = raw.float()  # (N, C, H/f, W/f)
+        if self.latents_mean is not None:
+            mean, std = self._channel_tensors(raw.device)
+            return ((raw - mean) * self.scaling_factor / std).cpu()
+        return ((raw - self.shift_factor) * self.scaling_factor).cpu()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raw = latents.to(self.device).float() / self.scaling_factor + self.shift_factor
+        latents = latents.to(self.device).float()  # (N, C, H/f, W/f)
+        if self.latents_mean is not None:
+            mean, std = self._channel_tensors(self.device)
+            raw = latents * std / self.scaling_factor + mean
+        else:
+            raw = latents / self.scaling_factor + self.shift_factor
         with autocast_context(self.device, self.precision):
             images = self.model.decode(raw).sample
         return images.float().clamp(-1.0, 1.0)  # (N, 3, H, W) on self.device
+
+
+    def _channel_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:  # (1, C, 1, 1) each
+        shape = (1, self.latent_channels, 1, 1)
+        return (torch.tensor(self.latents_mean, device=device).view(shape),
+                torch.tensor(self.latents_std, device=device).view(shape))
+
+
+def _channel_statistics(config, channels: int, name: str) -> tuple[list | None, list | None]:
+    """The config's per-channel ``latents_mean``/``latents_std`` as float lists, or (None, None) when unset."""
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError(f"VAE {name}: its config sets only one of latents_mean and latents_std")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"VAE {name}: latents_mean/latents_std have {len(mean)}/{len(std)} values for "
+                         f"{channels} latent channels")
+    if min(std) <= 0:
+        raise ValueError(f"VAE {name}: latents_std must be positive, got {std}")
+    return mean, std
+
+
+# what a manifest's VAE spec fixes about the latents: the reloaded VAE must agree or it decodes other latents
+_LATENT_SCALING_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 
 
 def load_vae(spec: dict, directory: str | None = None, *, device: str | torch.device = "cpu", precision: str = "auto"):
@@ -136,7 +180,7 @@ def load_vae(spec: dict, directory: str | None = None, *, device: str | torch.de
             raise ValueError(f"{path}: sha256 {adapter.spec['sha256']} differs from the manifest's {spec['sha256']}")
         return adapter
     if kind == "diffusers":
-        return DiffusersVAE(
+        adapter = DiffusersVAE(
             spec["name_or_path"],
             subfolder=spec.get("subfolder"),
             revision=spec.get("revision"),
@@ -144,6 +188,11 @@ def load_vae(spec: dict, directory: str | None = None, *, device: str | torch.de
             precision=precision,
             sample_posterior=bool(spec.get("sample_posterior", False)),
         )
+        for key in _LATENT_SCALING_KEYS:
+            if key in spec and spec[key] != adapter.spec[key]:
+                raise ValueError(f"VAE {spec['name_or_path']}: {key} is {adapter.spec[key]} now but the shards were "
+                                 f"encoded with {spec[key]}; decoding would scale the latents wrongly")
+        return adapter
     raise ValueError(f"unknown VAE type {kind!r} in spec {spec!r}")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from data_pipeline.images import (block_seam_ratios, center_crop_arr, load_rgb, 
                                   read_image_grid, save_image_grid, uint8_to_model)
 from data_pipeline.loader import LatentLoader
 from data_pipeline.pca_autoencoder import PatchPCAAutoencoder
-from data_pipeline.vae import DiffusersVAE, load_vae_from_manifest
+from data_pipeline.vae import DiffusersVAE, load_vae, load_vae_from_manifest
 
 FEW_STEPS = dict(steps=3, batch_size=4)  # seconds, not minutes: the maths under test does not need a good fit
 
@@ -139,3 +140,50 @@ def test_periodic_texture_ratio_sees_a_blob_repeated_in_every_token_where_the_se
     assert latents[8] > 3.0 and latents[16] < 1.2, latents  # an 8-pixel repeat is not counted as a 16-pixel one
     with pytest.raises(ValueError, match="120x120 px.*16-pixel"):
         periodic_texture_ratios(images[:, :120, :120], (8, 16))
+
+
+def _vae_copy_with(trained_demo, tmp_path, **config_changes) -> str:
+    folder = str(tmp_path / "vae")
+    shutil.copytree(os.path.join(trained_demo, demo_vae.DEMO_VAE_DIR), folder)
+    config_path = os.path.join(folder, "config.json")
+    config = dict(json.load(open(config_path)), **config_changes)
+    json.dump(config, open(config_path, "w"))
+    return folder
+
+
+def test_per_channel_latent_statistics_are_applied_as_diffusers_pipelines_apply_them(trained_demo, tmp_path):
+    """A VAE config with latents_mean/latents_std (Playground v2.5's SDXL VAE, diffusers' SDXL pipelines) scales each
+    channel on its own: latent = (raw - mean) · scaling_factor / std, and back; the manifest records both, and a
+    folder whose statistics changed after encoding is refused instead of decoding with the wrong ones."""
+    from diffusers import AutoencoderKL
+
+    mean, std = [0.1, -0.2, 0.05, 0.0], [1.5, 0.8, 0.4, 0.25]
+    folder = _vae_copy_with(trained_demo, tmp_path, latents_mean=mean, latents_std=std, scaling_factor=0.5,
+                            shift_factor=None)
+    adapter = DiffusersVAE(folder)
+    assert (adapter.spec["latents_mean"], adapter.spec["latents_std"]) == (mean, std)
+    direct = AutoencoderKL.from_pretrained(folder).eval()
+    images = photos(64)  # (8, 3, 64, 64)
+    channel_mean, channel_std = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    latents = adapter.encode(images)  # (8, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(latents, (direct.encode(images).latent_dist.mean - channel_mean) * 0.5 / channel_std)
+        decoded = direct.decode(latents * channel_std / 0.5 + channel_mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(adapter.decode(latents), decoded)
+    # changed after the shards were encoded: refused by name
+    spec = dict(adapter.spec)
+    _vae_copy_with(trained_demo, tmp_path / "changed", latents_mean=mean, latents_std=[1.0, 1.0, 1.0, 1.0],
+                   scaling_factor=0.5, shift_factor=None)
+    with pytest.raises(ValueError, match="latents_std is .* but the shards were encoded with"):
+        load_vae(dict(spec, name_or_path=str(tmp_path / "changed" / "vae")))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(latents_mean=[0.0] * 4), "only one of latents_mean and latents_std"),
+    (dict(latents_mean=[0.0] * 3, latents_std=[1.0] * 3), "3/3 values for 4 latent channels"),
+    (dict(latents_mean=[0.0] * 4, latents_std=[1.0, 1.0, 0.0, 1.0]), "latents_std must be positive"),
+    (dict(latents_mean=[0.0] * 4, latents_std=[1.0] * 4, shift_factor=0.1), "both latents_mean/latents_std and shift"),
+])
+def test_inconsistent_per_channel_statistics_are_refused(trained_demo, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusersVAE(_vae_copy_with(trained_demo, tmp_path, **changes))
