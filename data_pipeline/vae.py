@@ -4,8 +4,8 @@ Every adapter maps images (N, 3, H, W) in [-1, 1] to *scaled* latents
 ``latent = (posterior_mean_or_sample - shift_factor) * scaling_factor`` and back (per channel
 ``(raw - latents_mean) * scaling_factor / latents_std`` for a VAE whose config carries those, as diffusers'
 SDXL pipelines apply them, e.g. Playground v2.5's), and describes itself with a JSON-able ``spec`` stored
-in the shard manifest. ``load_vae_from_manifest`` rebuilds
-the same encoder from that spec, so sampling decodes with exactly the VAE the shards were made with.
+in the shard manifest. ``load_vae_from_manifest`` rebuilds the same encoder from that spec, so sampling decodes
+with exactly the VAE the shards were made with (and refuses one whose scaling factors changed since).
 """
 
 from __future__ import annotations
@@ -142,7 +142,6 @@ class DiffusersVAE:
         with autocast_context(self.device, self.precision):
             images = self.model.decode(raw).sample
         return images.float().clamp(-1.0, 1.0)  # (N, 3, H, W) on self.device
-
 
     def _channel_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:  # (1, C, 1, 1) each
         shape = (1, self.latent_channels, 1, 1)
