@@ -120,11 +120,11 @@ def periodic_texture_ratios(images: np.ndarray, periods: Sequence[int] = (8, 16)
     power at the multiples of W/p cycles per tile; a photo's spectrum is smooth there, so it scores ≈ 1.
     Power is |FFT|² of the pixel differences along each row and each column of each tile, averaged; a frequency
     shared by two listed periods counts for the smaller one (a period-8 pattern repeats every 16 pixels too).
-    Neighbours are the frequencies within ``reach`` that belong to no listed period. ``images``: (N, H, W, 3) uint8, H and W
-    multiples of every period.
+    Neighbours are the frequencies within ``reach`` that belong to no listed period. ``images``: (N, H, W, 3)
+    uint8, H and W multiples of every period.
     """
     pixels = images.astype(np.float64)  # (N, H, W, 3)
-    n, height, width, _ = pixels.shape
+    height, width = pixels.shape[1:3]
     for p in periods:
         if height % p or width % p:
             raise ValueError(f"tiles of {height}x{width} px are not a whole number of {p}-pixel periods")

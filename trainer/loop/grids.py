@@ -33,7 +33,7 @@ def ema_sample_grid(trainer, stage, name: Optional[str] = None) -> Optional[str]
         return None
     shards = trainer.shard_sets[stage.index]
     arch = trainer.arch.with_input_size(shards.latent_shape[1])
-    from trainer.monitor.sampling import sample_grid
+    from trainer.monitor.sampling import describe_latent_range, sample_grid
     from trainer.state.consolidate import model_from_ema
 
     model = model_from_ema(tensors, arch, trainer.device, source=f"step {trainer.state.step}")
@@ -46,7 +46,6 @@ def ema_sample_grid(trainer, stage, name: Optional[str] = None) -> Optional[str]
                             steps=s.steps, method=s.method, seed=s.seed, device=trainer.device,
                             num_classes=arch.num_classes)
     trainer.metrics.log_image(trainer.state.step, "samples", path, spread)  # events.jsonl; W&B samples/latent_*
-    print(f"[trainer] sample grid {path} (sampled latents: std {spread['latent_std']:.2f}, "
-          f"|max| {spread['latent_absmax']:.1f}; the training latents' std is about 1)", flush=True)
+    print(f"[trainer] sample grid {path} ({describe_latent_range(spread)})", flush=True)
     barrier()
     return path

@@ -46,6 +46,12 @@ def latent_range(latents: torch.Tensor) -> dict:
     return {"latent_std": float(latents.std()), "latent_absmax": float(latents.abs().max())}
 
 
+def describe_latent_range(spread: dict) -> str:
+    """The one-line reading of ``latent_range`` that the trainer and ``trainer.sample`` print."""
+    return (f"sampled latents: std {spread['latent_std']:.2f}, |max| {spread['latent_absmax']:.1f}; "
+            "the training latents' std is about 1")
+
+
 def sample_grid(model, objective, vae, path: str, *, classes: list[int], per_class: int, latent_shape: tuple,
                 cfg_scale: float, steps: int, method: str, seed: int, device: torch.device,
                 num_classes: int) -> tuple[str, dict]:

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from data_pipeline.vae import load_vae_from_manifest
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
     from trainer.engine.objective import build_objective_from_config
-    from trainer.monitor.sampling import sample_grid
+    from trainer.monitor.sampling import describe_latent_range, sample_grid
 
     try:
         ck, run_dir, cfg, shards = open_run_checkpoint(args.checkpoint, args.resolution, args.config)
@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     vae = load_vae_from_manifest(shards.directory, device=device)  # decodes where the samples are
     _, spread = sample_grid(model, objective, vae, out, classes=classes,
-                per_class=args.per_class or s.per_class, latent_shape=shards.latent_shape,
-                cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                steps=args.steps or s.steps, method=args.method or s.method,
-                seed=s.seed if args.seed is None else args.seed, device=device, num_classes=arch.num_classes)
+                            per_class=args.per_class or s.per_class, latent_shape=shards.latent_shape,
+                            cfg_scale=s.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+                            steps=args.steps or s.steps, method=args.method or s.method,
+                            seed=s.seed if args.seed is None else args.seed, device=device,
+                            num_classes=arch.num_classes)
     print(out)
-    print(f"sampled latents: std {spread['latent_std']:.2f}, |max| {spread['latent_absmax']:.1f} "
-          "(the training latents' std is about 1)", file=sys.stderr)
+    print(describe_latent_range(spread), file=sys.stderr)
     return 0
 
 
