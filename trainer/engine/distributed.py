@@ -160,6 +160,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_state(tensors: dict, device: torch.device) -> dict:
+    """Collective: rank 0's ``tensors`` on every rank, on ``device``, one tensor in flight at a time."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: v.to(device) for k, v in tensors.items()}
+    box = [[(k, tuple(v.shape), v.dtype) for k, v in tensors.items()] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    out = {}
+    for name, shape, dtype in box[0]:
+        t = tensors[name].to(device) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, src=0)
+        out[name] = t
+    return out
+
+
 def shutdown() -> None:
     """Tear the process group down after a clean finish: every rank leaves together, and gloo/NCCL threads
     are joined before interpreter teardown (left to exit-time destructors, one rank occasionally aborted with

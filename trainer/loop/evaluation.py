@@ -35,25 +35,11 @@ import torch.distributed as dist
 
 from trainer import rundir
 from trainer.config.shards import val_shard_set
-from trainer.engine.distributed import all_reduce_max_flags, barrier
+from trainer.engine.distributed import all_reduce_max_flags, barrier, broadcast_state
 from trainer.loop.grids import grid_vae
 from trainer.monitor.fid import feature_moments, frechet_distance, load_feature_extractor, reference_statistics, \
     statistics_from_moments
 from trainer.monitor.sampling import images_to_uint8, noise_for, sample_batch, sample_indices
-
-
-def broadcast_state(tensors: dict, device: torch.device) -> dict:
-    """Collective: rank 0's ``tensors`` on every rank, on ``device``, one tensor in flight at a time."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return {k: v.to(device) for k, v in tensors.items()}
-    box = [[(k, tuple(v.shape), v.dtype) for k, v in tensors.items()] if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    out = {}
-    for name, shape, dtype in box[0]:
-        t = tensors[name].to(device) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(t, src=0)
-        out[name] = t
-    return out
 
 
 class InTrainingEvaluation:

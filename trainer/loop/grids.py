@@ -1,5 +1,11 @@
-"""The in-training EMA sample grid: gather the EMA (collective under ZeRO-3 and model-parallel layouts), rank 0
-rebuilds a plain DiT at the stage's resolution, samples it and decodes with the shard set's VAE on its own device.
+"""The in-training EMA sample grid: every rank gets the EMA model (gathered under ZeRO-3 and model-parallel
+layouts, then broadcast), samples its share of the grid's rows, and rank 0 gathers the latents, decodes them with
+the shard set's VAE on its own device and writes the PNG.
+
+Why every rank samples: on rank 0 alone the others wait idle for the whole sampling loop (the demo's 128 px
+grid: ≈ 30 s on one of its two CPU ranks); split, the grid costs 1/world of that plus one broadcast of the
+weights. Sample i starts from the same noise on any number of ranks (``sampling.sample_latents``), so the grid
+shows the same samples; its bytes may differ in the last bits across world sizes (other batch shapes).
 
 The VAE is loaded once per shard set and device for the life of the process (``grid_vae``), not at every grid:
 a diffusers VAE is hundreds of MB read from disk and moved to the GPU.
@@ -10,8 +16,9 @@ import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from trainer.engine.distributed import barrier
+from trainer.engine.distributed import barrier, broadcast_state, host_group
 
 _VAES: dict = {}
 
@@ -26,25 +33,58 @@ def grid_vae(shards, device: torch.device):
     return _VAES[key]
 
 
+def gather_rows(indices: list[int], rows: torch.Tensor, total: int) -> Optional[torch.Tensor]:
+    """Collective over the host group: rank 0 gets the (total, ...) tensor whose row i came from the rank that
+    held index i; the other ranks get None. ``rows``: (len(indices), ...) on any device."""
+    mine = (indices, rows.detach().cpu())
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        parts = [mine]
+    else:
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, parts, dst=0, group=host_group())
+        if dist.get_rank() != 0:
+            return None
+    shape = next(p[1].shape[1:] for p in parts if len(p[0]))
+    out = torch.empty((total, *shape), dtype=next(p[1].dtype for p in parts if len(p[0])))  # (total, ...)
+    for part_indices, part_rows in parts:
+        if len(part_indices):
+            out[part_indices] = part_rows
+    return out
+
+
 def ema_sample_grid(trainer, stage, name: Optional[str] = None) -> Optional[str]:
-    tensors = trainer.ema.full_tensors()  # rank 0 only; the others take part in the gather and get {}
+    """Collective (every rank calls it); rank 0 writes the grid and returns its path, the others return None."""
+    from trainer.monitor.sampling import describe_latent_range, latent_range, sample_indices, sample_latents
+    from trainer.state.consolidate import model_from_ema
+
+    shards = trainer.shard_sets[stage.index]
+    arch = trainer.arch.with_input_size(shards.latent_shape[1])
+    tensors = broadcast_state(trainer.ema.full_tensors(), trainer.device)  # (every rank: the full EMA)
+    model = model_from_ema(tensors, arch, trainer.device, source=f"step {trainer.state.step}")
+    del tensors
+    s = trainer.cfg.sample
+    classes = list(s.classes) or list(range(arch.num_classes))
+    total = len(classes) * s.per_class
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = sample_indices(total, trainer.rank, world)
+    latents = torch.empty((0, *shards.latent_shape))  # (0, C, h, w): a rank beyond the grid's size samples nothing
+    if mine:
+        latents = sample_latents(model, trainer.objective, classes=classes, per_class=s.per_class,
+                                 latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale, steps=s.steps,
+                                 method=s.method, seed=s.seed, device=trainer.device, num_classes=arch.num_classes,
+                                 indices=mine)  # (len(mine), C, h, w)
+    del model
+    latents = gather_rows(mine, latents, total)  # rank 0: (total, C, h, w) class-major; elsewhere None
     if trainer.rank != 0:
         barrier()
         return None
-    shards = trainer.shard_sets[stage.index]
-    arch = trainer.arch.with_input_size(shards.latent_shape[1])
-    from trainer.monitor.sampling import describe_latent_range, sample_grid
-    from trainer.state.consolidate import model_from_ema
+    from data_pipeline.images import save_image_grid
 
-    model = model_from_ema(tensors, arch, trainer.device, source=f"step {trainer.state.step}")
-    del tensors
-    classes = list(trainer.cfg.sample.classes) or list(range(arch.num_classes))
     path = os.path.join(trainer.run_dir, "samples", name or f"step{trainer.state.step:08d}.png")
-    s = trainer.cfg.sample
-    _, spread = sample_grid(model, trainer.objective, grid_vae(shards, trainer.device), path, classes=classes,
-                            per_class=s.per_class, latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale,
-                            steps=s.steps, method=s.method, seed=s.seed, device=trainer.device,
-                            num_classes=arch.num_classes)
+    vae = grid_vae(shards, trainer.device)
+    images = vae.decode(latents.to(trainer.device))  # (total, 3, H, W) in [-1, 1], decoded on the VAE's device
+    save_image_grid(images.cpu(), path, nrow=s.per_class)
+    spread = latent_range(latents)
     trainer.metrics.log_image(trainer.state.step, "samples", path, spread)  # events.jsonl; W&B samples/latent_*
     print(f"[trainer] sample grid {path} ({describe_latent_range(spread)})", flush=True)
     barrier()

@@ -14,12 +14,20 @@ import torch
 
 @torch.no_grad()
 def sample_latents(model, objective, *, classes: list[int], per_class: int, latent_shape: tuple, cfg_scale: float,
-                   steps: int, method: str, seed: int, device: torch.device, num_classes: int) -> torch.Tensor:
-    """(len(classes)·per_class, C, H, W) latents, class-major order."""
+                   steps: int, method: str, seed: int, device: torch.device, num_classes: int,
+                   indices: list[int] | None = None) -> torch.Tensor:
+    """(len(classes)·per_class, C, H, W) latents, class-major order; with ``indices``, only those rows of it.
+
+    Sample i starts from the same noise whichever rows are asked for, so ranks can each sample a share of a grid.
+    """
     n = len(classes) * per_class
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn((n, *latent_shape), generator=gen).to(device)  # (n, C, H, W)
-    y = torch.tensor([c for c in classes for _ in range(per_class)], device=device)
+    z = torch.randn((n, *latent_shape), generator=gen)  # (n, C, H, W)
+    y = torch.tensor([c for c in classes for _ in range(per_class)])  # (n,)
+    if indices is not None:
+        z, y = z[indices], y[indices]
+        n = len(indices)
+    z, y = z.to(device), y.to(device)
     model.eval()
     if cfg_scale > 1.0:
         z = torch.cat([z, z], 0)  # (2n, C, H, W): conditional half, then unconditional half
