@@ -5,8 +5,12 @@ VAE only if it reconstructs unseen crops clearly better. Both encoders are fitte
 crops (seed 0, 200 per class; the VAE at 64 and 128 px, warm-started from that PCA's latents); the held-out crops
 are the validation crops demo_data draws after them.
 
-    python benchmarks/bench_demo_vae.py [--steps N] [--threads T] [--out benchmarks/results/demo_vae.json]
-                                        [--figure docs/demo_vae_reconstructions.png]
+    python benchmarks/bench_demo_vae.py [--steps N] [--latent-noise L] [--threads T]
+                                        [--out benchmarks/results/demo_vae.json] [--figure docs/demo_vae_reconstructions.png]
+
+It also prints the PSNR of latents decoded after adding Gaussian noise (0.2 and 0.4 x the scaled latents' unit
+std): a DiT's sampled latents are never exact, and a decoder that turns small latent errors into blobs makes
+every sample look broken (``--latent-noise 0`` trains the VAE without the noise augmentation, for comparison).
 
 ``--figure``: one held-out 128 px crop per class (rows), as the photo crop, its patch-PCA round trip and its VAE
 round trip (columns).
@@ -42,6 +46,7 @@ def _cpu_name() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=demo_vae.TRAIN_DEFAULTS["steps"])
+    parser.add_argument("--latent-noise", type=float, default=demo_vae.TRAIN_DEFAULTS["latent_noise"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/demo_vae.json")
     parser.add_argument("--figure", help="write the reconstruction comparison grid (PNG) here")
@@ -54,7 +59,8 @@ def main() -> int:
     held_out = {r: torch.cat([b[r] for b in crop_batches(val, range(len(val)), [r])]) for r in (64, 128)}
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        record = demo_vae.train_and_save(image_sets, folder, teacher=pca_model, steps=args.steps)
+        record = demo_vae.train_and_save(image_sets, folder, teacher=pca_model, steps=args.steps,
+                                         latent_noise=args.latent_noise)
         wall = time.perf_counter() - started
         vae = DiffusersVAE(folder)
     pca = PCAVAE(pca_model)
@@ -69,6 +75,16 @@ def main() -> int:
             v, p = psnr(x, vae_decoded), psnr(x, pca_decoded)
         result["psnr"][str(r)] = {"vae": round(v, 2), "pca": round(p, 2), "vae_round_trip_seconds": round(vae_seconds, 2)}
         print(f"{r:4d} px held-out PSNR: VAE {v:.2f} dB  patch-PCA {p:.2f} dB  ({v - p:+.2f} dB)")
+        for level in (0.2, 0.4):  # noise in the scaled latent space (std ≈ 1), one fixed draw for both encoders
+            with torch.no_grad():
+                noisy = {}
+                for name, codec in (("vae", vae), ("pca", pca)):
+                    latents = codec.encode(x)  # (N, 4, r/8, r/8)
+                    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+                    noisy[name] = round(psnr(x, codec.decode(latents + level * noise)), 2)
+            result["psnr"][str(r)][f"latent_noise_{level}"] = noisy
+            print(f"{r:4d} px held-out PSNR with {level} x std latent noise: VAE {noisy['vae']:.2f} dB"
+                  f"  patch-PCA {noisy['pca']:.2f} dB")
         # steps across the 8-pixel block lines / elsewhere (bench_demo_seams.py): photos ≈ 1, per-block decoders >> 1
         seams = {name: round(block_seam_ratios(model_to_uint8(images), (8,))[8], 3)
                  for name, images in (("photo", x), ("pca", pca_decoded), ("vae", vae_decoded))}
@@ -85,7 +101,7 @@ def main() -> int:
     print(f"VAE training: {record['train_seconds']} s for {args.steps} steps on {args.threads} thread(s)")
     result.update(command="python benchmarks/bench_demo_vae.py " + " ".join(sys.argv[1:]),
                   load_average=os.getloadavg(), cpu=_cpu_name(), model=dict(demo_vae.MODEL_CONFIG),
-                  train=dict(demo_vae.TRAIN_DEFAULTS, steps=args.steps))
+                  train=dict(demo_vae.TRAIN_DEFAULTS, steps=args.steps, latent_noise=args.latent_noise))
     write_results(args.out, result)
     return 0
 
