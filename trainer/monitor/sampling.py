@@ -48,7 +48,7 @@ def latent_range(latents: torch.Tensor) -> dict:
 
     Why: a sampler that leaves the data's range (guidance overshoot, an undertrained model, a wrong VAE scaling
     factor) makes the decoder draw saturated blobs; the numbers say so before anyone opens the grid. The demo's
-    grid at step 1500 measured std 1.99 and |max| 53.5 against its data's 1.0 and 4.5.
+    final grid (step 900) measured std 2.80 and |max| 84.6 against its data's 1.0 and 4.5.
     """
     latents = latents.float()  # (n, C, H, W)
     return {"latent_std": float(latents.std()), "latent_absmax": float(latents.abs().max())}
