@@ -4,8 +4,10 @@ the shard set's VAE on its own device and writes the PNG.
 
 Why every rank samples: on rank 0 alone the others wait idle for the whole sampling loop; split, each rank
 samples 1/world of the rows, after one broadcast of the weights (the demo's final 128 px grid, with its
-validation and checkpoint: 33 s after the last step on 2 CPU ranks, 44 s on rank 0 alone). Sample i starts from the same noise on any number of ranks (``sampling.sample_latents``), so the grid
-shows the same samples; its bytes may differ in the last bits across world sizes (other batch shapes).
+validation and checkpoint: 33 s after the last step on 2 CPU ranks, 44 s on rank 0 alone). Every rank holds the
+plain model while it samples, as rank 0 alone did before (and as the in-training FID does). Sample i starts from
+the same noise on any number of ranks (``sampling.sample_latents``), so the grid shows the same samples; its
+bytes may differ in the last bits across world sizes (other batch shapes).
 
 The VAE is loaded once per shard set and device for the life of the process (``grid_vae``), not at every grid:
 a diffusers VAE is hundreds of MB read from disk and moved to the GPU.
