@@ -6,7 +6,8 @@ crops (seed 0, 200 per class; the VAE at 64 and 128 px, warm-started from that P
 are the validation crops demo_data draws after them.
 
     python benchmarks/bench_demo_vae.py [--steps N] [--latent-noise L] [--threads T]
-                                        [--out benchmarks/results/demo_vae.json] [--figure docs/demo_vae_reconstructions.png]
+                                        [--out benchmarks/results/demo_vae.json]
+                                        [--figure docs/demo_vae_reconstructions.png]
 
 It also prints the PSNR of latents decoded after adding Gaussian noise (0.2 and 0.4 x the scaled latents' unit
 std): a DiT's sampled latents are never exact, and a decoder that turns small latent errors into blobs makes
