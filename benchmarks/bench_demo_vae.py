@@ -70,9 +70,11 @@ def main() -> int:
     for r, x in held_out.items():
         with torch.no_grad():
             started = time.perf_counter()
-            vae_decoded = vae.decode(vae.encode(x))
+            latents = {"vae": vae.encode(x)}  # (N, 4, r/8, r/8), scaled: std ≈ 1
+            vae_decoded = vae.decode(latents["vae"])
             vae_seconds = time.perf_counter() - started
-            pca_decoded = pca.decode(pca.encode(x))
+            latents["pca"] = pca.encode(x)
+            pca_decoded = pca.decode(latents["pca"])
             v, p = psnr(x, vae_decoded), psnr(x, pca_decoded)
         result["psnr"][str(r)] = {"vae": round(v, 2), "pca": round(p, 2), "vae_round_trip_seconds": round(vae_seconds, 2)}
         print(f"{r:4d} px held-out PSNR: VAE {v:.2f} dB  patch-PCA {p:.2f} dB  ({v - p:+.2f} dB)")
@@ -80,9 +82,8 @@ def main() -> int:
             with torch.no_grad():
                 noisy = {}
                 for name, codec in (("vae", vae), ("pca", pca)):
-                    latents = codec.encode(x)  # (N, 4, r/8, r/8)
-                    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
-                    noisy[name] = round(psnr(x, codec.decode(latents + level * noise)), 2)
+                    noise = torch.randn(latents[name].shape, generator=torch.Generator().manual_seed(1))
+                    noisy[name] = round(psnr(x, codec.decode(latents[name] + level * noise)), 2)
             result["psnr"][str(r)][f"latent_noise_{level}"] = noisy
             print(f"{r:4d} px held-out PSNR with {level} x std latent noise: VAE {noisy['vae']:.2f} dB"
                   f"  patch-PCA {noisy['pca']:.2f} dB")

@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from trainer import rundir
 from trainer.config.shards import val_shard_set
-from trainer.engine.distributed import all_reduce_max_flags, barrier, broadcast_state
-from trainer.loop.grids import grid_vae
+from trainer.engine.distributed import all_reduce_max_flags, barrier
+from trainer.loop.grids import ema_model_on_every_rank, grid_vae
 from trainer.monitor.fid import feature_moments, frechet_distance, load_feature_extractor, reference_statistics, \
     statistics_from_moments
 from trainer.monitor.sampling import images_to_uint8, noise_for, sample_batch, sample_indices
@@ -146,16 +146,6 @@ class InTrainingEvaluation:
             np.savez(tmp, mu=mu, sigma=sigma, num_samples=count)
             os.replace(tmp, path)  # atomic: a killed run leaves no half-written reference
 
-    def _ema_model(self, stage):
-        from trainer.state.consolidate import model_from_ema
-
-        tr = self.tr
-        arch = tr.arch.with_input_size(tr.shard_sets[stage.index].latent_shape[1])
-        tensors = broadcast_state(tr.ema.full_tensors(), tr.device)
-        model = model_from_ema(tensors, arch, tr.device, source=f"step {tr.state.step}")
-        del tensors
-        return model, arch
-
     @torch.no_grad()
     def evaluate(self, stage) -> dict | None:
         """Collective. Appends the record to evals.jsonl on rank 0 and returns it there (None elsewhere)."""
@@ -164,7 +154,7 @@ class InTrainingEvaluation:
         if beacon is not None:
             beacon.enter("evaluation")
         t0 = time.perf_counter()
-        model, arch = self._ema_model(stage)
+        model, arch = ema_model_on_every_rank(tr, stage)
         classes = list(s.classes) or list(range(arch.num_classes))
         per_class = self.log.eval_per_class
         total = len(classes) * per_class

@@ -35,6 +35,19 @@ def grid_vae(shards, device: torch.device):
     return _VAES[key]
 
 
+def ema_model_on_every_rank(trainer, stage):
+    """Collective: (plain DiT from the EMA at the stage's resolution on this rank's device, its arch) on every rank.
+    The EMA is gathered to rank 0 (under ZeRO-3 and model-parallel layouts) and broadcast; grids and the
+    in-training FID both sample with it."""
+    from trainer.state.consolidate import model_from_ema
+
+    arch = trainer.arch.with_input_size(trainer.shard_sets[stage.index].latent_shape[1])
+    tensors = broadcast_state(trainer.ema.full_tensors(), trainer.device)
+    model = model_from_ema(tensors, arch, trainer.device, source=f"step {trainer.state.step}")
+    del tensors
+    return model, arch
+
+
 def gather_rows(indices: list[int], rows: torch.Tensor, total: int) -> Optional[torch.Tensor]:
     """Collective over the host group: rank 0 gets the (total, ...) tensor whose row i came from the rank that
     held index i; the other ranks get None. ``rows``: (len(indices), ...) on any device."""
@@ -46,8 +59,8 @@ def gather_rows(indices: list[int], rows: torch.Tensor, total: int) -> Optional[
         dist.gather_object(mine, parts, dst=0, group=host_group())
         if dist.get_rank() != 0:
             return None
-    shape = next(p[1].shape[1:] for p in parts if len(p[0]))
-    out = torch.empty((total, *shape), dtype=next(p[1].dtype for p in parts if len(p[0])))  # (total, ...)
+    _, sample_rows = next(p for p in parts if len(p[0]))  # a rank that held rows: their shape and dtype
+    out = torch.empty((total, *sample_rows.shape[1:]), dtype=sample_rows.dtype)  # (total, ...)
     for part_indices, part_rows in parts:
         if len(part_indices):
             out[part_indices] = part_rows
@@ -57,13 +70,9 @@ def gather_rows(indices: list[int], rows: torch.Tensor, total: int) -> Optional[
 def ema_sample_grid(trainer, stage, name: Optional[str] = None) -> Optional[str]:
     """Collective (every rank calls it); rank 0 writes the grid and returns its path, the others return None."""
     from trainer.monitor.sampling import describe_latent_range, latent_range, sample_indices, sample_latents
-    from trainer.state.consolidate import model_from_ema
 
     shards = trainer.shard_sets[stage.index]
-    arch = trainer.arch.with_input_size(shards.latent_shape[1])
-    tensors = broadcast_state(trainer.ema.full_tensors(), trainer.device)  # (every rank: the full EMA)
-    model = model_from_ema(tensors, arch, trainer.device, source=f"step {trainer.state.step}")
-    del tensors
+    model, arch = ema_model_on_every_rank(trainer, stage)
     s = trainer.cfg.sample
     classes = list(s.classes) or list(range(arch.num_classes))
     total = len(classes) * s.per_class

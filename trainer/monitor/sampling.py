@@ -26,21 +26,26 @@ def sample_latents(model, objective, *, classes: list[int], per_class: int, late
     y = torch.tensor([c for c in classes for _ in range(per_class)])  # (n,)
     if indices is not None:
         z, y = z[indices], y[indices]
-        n = len(indices)
-    z, y = z.to(device), y.to(device)
     model.eval()
+    return guided_latents(model, objective, z, y, cfg_scale=cfg_scale, steps=steps, method=method,
+                          num_classes=num_classes, device=device)
+
+
+@torch.no_grad()
+def guided_latents(model, objective, noise: torch.Tensor, labels: torch.Tensor, *, cfg_scale: float, steps: int,
+                   method: str, num_classes: int, device) -> torch.Tensor:
+    """(N, C, H, W) fp32 latents sampled from ``noise`` (N, C, H, W) for ``labels`` (N,), with classifier-free
+    guidance when ``cfg_scale`` > 1: the batch is doubled, its second half conditioned on the null class."""
+    n = len(labels)
+    z, y = noise.to(device), labels.to(device)
     if cfg_scale > 1.0:
         z = torch.cat([z, z], 0)  # (2n, C, H, W): conditional half, then unconditional half
-        y_null = torch.full_like(y, num_classes)
-        kwargs = {"y": torch.cat([y, y_null], 0), "cfg_scale": cfg_scale}
+        kwargs = {"y": torch.cat([y, torch.full_like(y, num_classes)], 0), "cfg_scale": cfg_scale}
         fn = model.forward_with_cfg
     else:
-        kwargs = {"y": y}
-        fn = model.forward
+        kwargs, fn = {"y": y}, model.forward
     out = objective.sample(fn, tuple(z.shape), noise=z, steps=steps, method=method, model_kwargs=kwargs)
-    if cfg_scale > 1.0:
-        out = out[:n]
-    return out.float()
+    return out[:n].float()
 
 
 def latent_range(latents: torch.Tensor) -> dict:
@@ -97,13 +102,6 @@ def noise_for(indices: list[int], latent_shape: tuple, seed: int) -> torch.Tenso
 def sample_batch(model, objective, vae, labels: torch.Tensor, noise: torch.Tensor, *, cfg_scale: float, steps: int,
                  method: str, num_classes: int, device) -> np.ndarray:
     """uint8 (N, H, W, 3) images for ``labels`` from ``noise``."""
-    n = len(labels)
-    z, y = noise.to(device), labels.to(device)
-    if cfg_scale > 1.0:
-        z = torch.cat([z, z], 0)
-        kwargs = {"y": torch.cat([y, torch.full_like(y, num_classes)], 0), "cfg_scale": cfg_scale}
-        fn = model.forward_with_cfg
-    else:
-        kwargs, fn = {"y": y}, model.forward
-    latents = objective.sample(fn, tuple(z.shape), noise=z, steps=steps, method=method, model_kwargs=kwargs)[:n]
-    return images_to_uint8(vae.decode(latents.float()))  # decoded (N, 3, H, W) on the VAE's (the rank's) device
+    latents = guided_latents(model, objective, noise, labels, cfg_scale=cfg_scale, steps=steps, method=method,
+                             num_classes=num_classes, device=device)  # (N, C, h, w)
+    return images_to_uint8(vae.decode(latents))  # decoded (N, 3, H, W) on the VAE's (the rank's) device
