@@ -56,6 +56,26 @@ def _deepspeed_shm_files() -> set:
     return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
 
 
+def test_cpu_process_group_skips_deepspeeds_shared_memory_allreduce(tmp_path):
+    """The trainer's CPU start-up neither builds DeepSpeed's shm all-reduce op (a 35 s compile on a machine's first
+    launch, used only by DeepSpeed's inference all-reduce) nor maps its /dev/shm buffer; training still reduces."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.distributed as dist, deepspeed.comm.comm as dc\n"
+        "from trainer.engine.distributed import init_distributed\n"
+        "init_distributed()\n"
+        "assert dc.cdb.shm_comm_op is None, 'shm all-reduce op was built'\n"
+        "t = torch.ones(3); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0, 1.0]\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert "shm_comm_op built" not in done.stdout + done.stderr
+
+
 def test_sigkill_after_checkpoint_resumes_exactly(demo_root, two_rank_runs, tmp_path):
     shm_before = _deepspeed_shm_files()
     run_dir = str(tmp_path / "killed")

@@ -81,6 +81,8 @@ def init_distributed(hang_seconds: float = 0.0) -> torch.device:
         set_cpu_threads()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        if device.type == "cpu":
+            skip_deepspeed_shm_allreduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=collective_timeout(backend, hang_seconds)))
         if device.type == "cpu":
@@ -120,8 +122,28 @@ def init_local_gloo_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     logger.setLevel(logging.WARNING)
+    skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     release_deepspeed_shm_names()
+
+
+def skip_deepspeed_shm_allreduce() -> None:
+    """Keep DeepSpeed's CPU backend from building and mapping its shared-memory all-reduce op.
+
+    Why: that op serves only DeepSpeed's inference all-reduce (``inference_all_reduce``: AutoTP inference), which
+    training never calls (ZeRO, tensor and pipeline parallelism reduce through torch.distributed), yet every CPU
+    process group loads it: the first launch on a machine JIT-compiles it (35 s of the demo's 7 min 41 s on a fresh
+    machine) and every launch maps a ~69 MB /dev/shm buffer per rank. DeepSpeed builds it only when its table of
+    ops that build here says so; marking it absent there before ``init_distributed`` skips both. (If another
+    DeepSpeed version builds it anyway, ``release_deepspeed_shm_names`` still frees the buffers.)
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().get_op_builder("ShareMemCommBuilder")
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(table, dict):
+        table[getattr(builder, "NAME", "deepspeed_shm_comm")] = False
 
 
 def deepspeed_shm_path(rank: int) -> str:
