@@ -52,6 +52,11 @@ class DiTArgs:
     norm: str = "layernorm"  # "layernorm" (reference) or "rmsnorm"
     output_conv: int = 0  # 3x3 conv layers over the unpatchified output, across token borders (0 off; models/layers.py)
     moe: Optional[MoEConfig] = None  # MoE feed-forward in every moe.every-th block
+    # Latent side whose token grid the position table's coordinates are scaled to (PixArt pe_interpolation: the
+    # first progressive stage's size); None: token indices, the reference table. Part of the architecture: a model
+    # trained with scaled coordinates and rebuilt without them sees other positions (every grid, FID and export
+    # rebuilds the model from this record).
+    pe_base_size: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "moe", MoEConfig.from_any(self.moe))
@@ -77,6 +82,8 @@ class DiTArgs:
             del out["moe"]
         if not self.output_conv:
             del out["output_conv"]
+        if self.pe_base_size is None:
+            del out["pe_base_size"]
         return out
 
     def with_input_size(self, input_size: int) -> "DiTArgs":

@@ -59,6 +59,11 @@ def diffusers_config(config: Any) -> dict[str, Any]:
         value = config.get(option, default) if isinstance(config, Mapping) else getattr(config, option, default)
         if value != default:
             raise ValueError(f"diffusers' DiT has no equivalent of {option}={value!r}")
+    base = config.get("pe_base_size") if isinstance(config, Mapping) else getattr(config, "pe_base_size", None)
+    if base is not None and (base if isinstance(base, int) else tuple(base)[0]) != input_size:
+        # its position table counts token indices at sample_size: equal to the scaled coordinates only at the base size
+        raise ValueError(f"diffusers' DiT has no equivalent of position coordinates scaled to a {base}-latent grid "
+                         f"(pe_interpolation) at input size {input_size}; export at input size {base}")
     return dict(
         num_attention_heads=heads,
         attention_head_dim=hidden // heads,

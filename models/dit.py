@@ -162,6 +162,7 @@ class DiT(TokenGridMixin, nn.Module):
         norm: str = "layernorm",
         output_conv: int = 0,
         pe_interpolation: float = 1.0,
+        pe_base_size: int | tuple[int, int] | None = None,
     ):
         super().__init__()
         for name, value in dict(patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
@@ -181,6 +182,9 @@ class DiT(TokenGridMixin, nn.Module):
         input_hw = _as_grid(input_size, "input_size")
         if input_hw[0] % patch_size or input_hw[1] % patch_size:
             raise ValueError(f"input_size {input_size!r} is not divisible by patch_size {patch_size}")
+        base_hw = input_hw if pe_base_size is None else _as_grid(pe_base_size, "pe_base_size")
+        if base_hw[0] % patch_size or base_hw[1] % patch_size:
+            raise ValueError(f"pe_base_size {pe_base_size!r} is not divisible by patch_size {patch_size}")
         moe_config = MoEConfig.from_any(moe)
 
         self.config = dict(
@@ -188,6 +192,7 @@ class DiT(TokenGridMixin, nn.Module):
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
             num_classes=num_classes, learn_sigma=learn_sigma, grad_checkpoint=grad_checkpoint, moe=moe_config,
             qk_norm=qk_norm, ffn=ffn, norm=norm, output_conv=output_conv, pe_interpolation=pe_interpolation,
+            pe_base_size=pe_base_size,
         )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -199,9 +204,10 @@ class DiT(TokenGridMixin, nn.Module):
         self.moe_config = moe_config
         self.grad_checkpoint = _check_grad_checkpoint(grad_checkpoint)
         self.pe_interpolation = pe_interpolation
-        self.base_grid_size = (input_hw[0] // patch_size, input_hw[1] // patch_size)
-        self.grid_size = self.base_grid_size
-        self.pe_interpolate = False  # False: official table (token indices); True: PixArt-scaled coordinates
+        # coordinates: token indices (the official table), or with pe_base_size scaled to that size's grid (PixArt)
+        self.base_grid_size = (base_hw[0] // patch_size, base_hw[1] // patch_size)
+        self.grid_size = (input_hw[0] // patch_size, input_hw[1] // patch_size)
+        self.pe_interpolate = pe_base_size is not None  # False: token indices; True: PixArt-scaled coordinates
         self._pos_embed_cache: dict[tuple, torch.Tensor] = {}
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)

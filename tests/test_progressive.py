@@ -64,6 +64,29 @@ def test_grid_sampled_across_ranks_equals_one_process_sampling(progressive_run, 
     assert difference.max() <= 3 and difference.mean() < 0.05, (difference.max(), difference.mean())
 
 
+def test_pe_interpolated_model_is_rebuilt_with_the_positions_it_trained_with(demo_root, tmp_path):
+    """With pe_interpolation the trained model's stage-2 table has coordinates scaled to stage 1's 4×4 grid; every
+    tool that rebuilds the model from the checkpoint (grids, FID, trainer.sample, export) must get the same table,
+    not the 8×8 token-index one (which put the 64 px layout into the top-left quarter of every 128 px sample)."""
+    from models.pos_embed import sincos_2d
+    from trainer.state.checkpoint import check_model_config
+    from trainer.state.consolidate import checkpoint_args, load_ema_model
+
+    run_dir = str(tmp_path / "pe")
+    run_training(1, _over(demo_root, run_dir, "pe_interpolation=true"), config=CONFIG,
+                 ds_config="zero2.json", launcher="python")
+    final = os.path.join(run_dir, "checkpoints", "step00000012")
+    trained = _module_pos_embed(final)  # (1, 64, 64)
+    torch.testing.assert_close(trained[0], sincos_2d(64, 8, 8, base_size=4).float())
+    assert not torch.allclose(trained[0], sincos_2d(64, 8, 8).float())  # the scaling is not a no-op here
+    rebuilt, arch = load_ema_model(final, input_size=16)  # stage 2: latent 16×16, 8×8 tokens
+    assert arch.pe_base_size == 8  # the first stage's latent side (4×4 tokens of patch 2)
+    torch.testing.assert_close(rebuilt.pos_embed, trained)
+    # a checkpoint written before the record held pe_base_size still resumes under pe_interpolation
+    old_record = {k: v for k, v in checkpoint_args(final).to_dict().items() if k != "pe_base_size"}
+    check_model_config(old_record, arch)
+
+
 def test_killed_in_stage_two_resumes_exactly(demo_root, progressive_run, tmp_path):
     run_dir = str(tmp_path / "killed")
     over = _over(demo_root, run_dir, "checkpoint.every=4")

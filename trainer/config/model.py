@@ -49,4 +49,5 @@ def architecture(cfg: RunConfig, *, in_channels: int, input_size: int, num_class
     return DiTArgs(input_size=input_size, in_channels=in_channels, mlp_ratio=m.mlp_ratio or 4.0,
                    class_dropout_prob=m.class_dropout_prob, num_classes=m.num_classes or num_classes,
                    learn_sigma=m.learn_sigma, qk_norm=None if m.qk_norm == "none" else m.qk_norm, ffn=m.ffn,
-                   norm=m.norm, output_conv=m.output_conv, moe=moe, **pick)
+                   norm=m.norm, output_conv=m.output_conv, moe=moe,
+                   pe_base_size=input_size if cfg.pe_interpolation else None, **pick)

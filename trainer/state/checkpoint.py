@@ -164,6 +164,9 @@ class ModelConfigMismatch(ValueError):
 
 def check_model_config(saved: dict, current: DiTArgs, ignore=("input_size",)) -> None:
     """Refuse a checkpoint of another architecture (the token grid may differ: progressive stages)."""
+    if "pe_base_size" not in saved and current.pe_base_size is not None:
+        # written before the record held it (checkpoints then trained with pe_interpolation scaled the same way)
+        saved = dict(saved, pe_base_size=current.pe_base_size)
     try:
         saved_args = DiTArgs.from_dict(saved)
     except (TypeError, ValueError) as exc:
