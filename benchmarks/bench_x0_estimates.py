@@ -8,10 +8,11 @@ rectified flow estimates x0 = x_t - t * v, error not amplified. This prints, per
 x0-estimate MSE next to that of the trivial estimate 0 (the latents' mean; MSE = their variance, about 1):
 an estimate worse than 0 carries no information about the class.
 
-    python benchmarks/bench_x0_estimates.py RUN_DIR [--samples 64] [--out benchmarks/results/x0_estimates.json]
-                                           [--figure x0.png]
+    python benchmarks/bench_x0_estimates.py RUN_DIR|CHECKPOINT [--resolution PX] [--samples 64] [--figure x0.png]
+                                           [--out benchmarks/results/x0_estimates.json]
 
-Uses the run's newest checkpoint, its config (objective) and its last stage's validation shards.
+Uses the run's newest checkpoint (or the one given), its config (objective) and the validation shards at
+``--resolution`` (default: the last stage's).
 ``--figure``: one held-out latent per class (rows): the latent decoded, then the decoded x0 estimate at each
 noise level (columns, highest noise first).
 """
@@ -67,6 +68,7 @@ def x0_estimate(objective, model, x0: torch.Tensor, labels: torch.Tensor, level:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run directory (its newest checkpoint) or one checkpoint directory")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: the run's last stage's)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/x0_estimates.json")
@@ -79,7 +81,7 @@ def main() -> int:
     from trainer.engine.objective import build_objective_from_config
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
 
-    checkpoint, run_dir, cfg, shards = open_run_checkpoint(args.run, None, None)
+    checkpoint, run_dir, cfg, shards = open_run_checkpoint(args.run, args.resolution, None)
     model, arch = load_ema_model(checkpoint, input_size=shards.latent_shape[1], device=torch.device("cpu"))
     model.eval()
     objective = build_objective_from_config(cfg, arch.learn_sigma)
@@ -98,6 +100,7 @@ def main() -> int:
         estimates.append(estimate)
         print(f"  noise level {level:.2f}: x0-estimate MSE {mse:10.3f}, estimate std {float(estimate.std()):7.2f}")
     write_results(args.out, {"checkpoint": os.path.abspath(checkpoint), "objective": cfg.objective.kind,
+                             "resolution": shards.manifest["resolution"],
                              "samples": len(x0), "latent_variance": float(x0.var()), "levels": rows})
     if args.figure:
         first = [int((labels == c).nonzero()[0]) for c in sorted(set(labels.tolist()))]  # one latent per class
