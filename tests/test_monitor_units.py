@@ -206,3 +206,12 @@ def test_report_writes_plots_and_markdown(tmp_path):
     for png in ("loss.png", "throughput.png", "optim.png", "memory.png", "fid.png"):
         assert os.path.getsize(run / "report" / png) > 5000 and f"]({png})" in text
     assert "**finished**" in text and "| 30 | 1000 |" in text and "12.50" in text
+
+
+def test_loss_plot_leaves_out_the_vb_panel_of_a_run_without_one():
+    from trainer.tools.report import loss_panels
+
+    diffusion = [{"step": s, "loss": 1.0, "mse": 0.9, "vb": 0.1} for s in range(1, 4)]
+    flow = [{"step": s, "loss": 1.0, "mse": 1.0, "vb": 0.0} for s in range(1, 4)]  # models/flow.py logs vb = 0
+    assert [name for name, _ in loss_panels(diffusion)] == ["loss", "vb", "loss by t quartile"]
+    assert [name for name, _ in loss_panels(flow)] == ["loss", "loss by t quartile"]

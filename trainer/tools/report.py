@@ -109,6 +109,17 @@ def _fmt(v, spec=".4g") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def loss_panels(records: list[dict]) -> list:
+    """loss.png's panels. The vb panel only when some step has a variational-bound term: a rectified flow (and a
+    diffusion without learned sigma) logs vb = 0 at every step, a flat line that says nothing."""
+    panels = [("loss", [("loss", "loss", True), ("mse", "mse", True)])]
+    if any(r.get("vb") for r in records):
+        panels.append(("vb", [("vb", "vb", True)]))
+    panels.append(("loss by t quartile", [(f"loss_q{k}", f"q{k} ({'low' if k == 0 else 'high' if k == 3 else 'mid'} noise)",
+                                           True) for k in range(4)]))
+    return panels
+
+
 def write_report(run_dir: str, out_dir: str | None = None) -> str:
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -124,12 +135,7 @@ def write_report(run_dir: str, out_dir: str | None = None) -> str:
     status = run_status(run_dir, query_slurm=False)
     name = status["name"]
     plots = {
-        "loss": _plot(os.path.join(out_dir, "loss.png"), [
-            ("loss", [("loss", "loss", True), ("mse", "mse", True)]),
-            ("vb", [("vb", "vb", True)]),
-            ("loss by t quartile", [(f"loss_q{k}", f"q{k} ({'low' if k == 0 else 'high' if k == 3 else 'mid'} noise)",
-                                     True) for k in range(4)]),
-        ], records, f"{name}: loss"),
+        "loss": _plot(os.path.join(out_dir, "loss.png"), loss_panels(records), records, f"{name}: loss"),
         "throughput": _plot(os.path.join(out_dir, "throughput.png"), [
             ("samples/s", [("samples_per_sec", "samples/s (global)", True)]),
             ("MFU", [("mfu", "MFU", True)]),
