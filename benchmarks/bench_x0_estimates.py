@@ -19,8 +19,6 @@ noise level (columns, highest noise first).
 from __future__ import annotations
 
 import argparse
-import glob
-import io
 import os
 import sys
 
@@ -36,12 +34,12 @@ LEVELS = (1.0, 0.9, 0.75, 0.5, 0.25)  # fraction of the way from data (0) to pur
 
 def held_out_latents(directory: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, C, H, W), labels (N,)) from the first ``count`` samples of a shard set, round-robin over classes."""
-    import webdataset as wds
+    from data_pipeline.val_split import read_samples
 
+    _, latents, labels = read_samples(directory)  # (M, C, H, W) float32, (M,) in manifest order
     by_class: dict[int, list] = {}
-    for sample in wds.WebDataset(sorted(glob.glob(os.path.join(directory, "*.tar"))), shardshuffle=False):
-        label = int(sample["cls"])
-        by_class.setdefault(label, []).append(np.load(io.BytesIO(sample["latent.npy"])).astype(np.float32))
+    for latent, label in zip(latents, labels.tolist()):
+        by_class.setdefault(int(label), []).append(latent)
     order = [(c, i) for i in range(max(len(v) for v in by_class.values())) for c in sorted(by_class) if i < len(by_class[c])]
     order = order[:count]
     return (torch.from_numpy(np.stack([by_class[c][i] for c, i in order])),  # (N, C, H, W)
