@@ -10,8 +10,12 @@ predicts 2x2 latents). Two measures, photos score about 1.0 on both:
   step on the lines for the seam ratio to see.
 
     python benchmarks/bench_demo_seams.py GRID.png [GRID.png ...] [--tile 128] [--out benchmarks/results/demo_seams.json]
+    python benchmarks/bench_demo_seams.py GRID.png --run RUN_DIR   # also the seams in the run's latents
 
 The grids are PNGs written by ``save_image_grid`` (the trainer's sample grids, bench_demo_vae's ``--figure``).
+``--run``: samples the run's final grid again (newest checkpoint, EMA, the run's sampler settings) and measures the
+seams before the VAE: the mean step between neighbouring latent pixels across a token border against the step
+inside a token, for the sampled latents and for held-out latents; whether the decoder or the DiT draws the seams.
 """
 from __future__ import annotations
 
@@ -19,10 +23,49 @@ import argparse
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_results  # noqa: E402
 from data_pipeline.images import block_seam_ratios, periodic_texture_ratios, read_image_grid  # noqa: E402
+
+
+def latent_token_border_ratio(latents: torch.Tensor, patch: int) -> float:
+    """Mean |step| between neighbouring latent pixels across token borders / inside tokens. ``latents`` (N, C, H, W);
+    a border lies between columns (rows) j and j+1 where j+1 is a multiple of ``patch``."""
+    across_columns = (latents[..., 1:] - latents[..., :-1]).abs().mean(dim=(0, 1, 2))  # (W-1,)
+    across_rows = (latents[..., 1:, :] - latents[..., :-1, :]).abs().mean(dim=(0, 1, 3))  # (H-1,)
+    steps = torch.cat([across_columns, across_rows])
+    position = torch.cat([torch.arange(1, latents.shape[-1]), torch.arange(1, latents.shape[-2])])
+    border = position % patch == 0
+    return float(steps[border].mean() / steps[~border].mean())
+
+
+def latent_seams(run: str, threads: int) -> dict:
+    from data_pipeline.val_split import read_samples
+    from trainer.engine.objective import build_objective_from_config
+    from trainer.monitor.sampling import sample_latents
+    from trainer.state.consolidate import load_ema_model, open_run_checkpoint
+
+    torch.set_num_threads(threads)
+    checkpoint, _, cfg, shards = open_run_checkpoint(run, None, None)
+    model, arch = load_ema_model(checkpoint, input_size=shards.latent_shape[1], device=torch.device("cpu"))
+    s = cfg.sample
+    classes = list(s.classes) or list(range(arch.num_classes))
+    sampled = sample_latents(model, build_objective_from_config(cfg, arch.learn_sigma), classes=classes,
+                             per_class=s.per_class, latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale,
+                             steps=s.steps, method=s.method, seed=s.seed, device=torch.device("cpu"),
+                             num_classes=arch.num_classes)  # (K * per_class, C, h, w): the trainer's final grid
+    validation = os.path.join(shards.directory, shards.manifest["validation"]["dir"]) \
+        if "validation" in shards.manifest else shards.directory
+    _, held_out, _ = read_samples(validation, limit=256)  # (N, C, h, w)
+    result = {"checkpoint": os.path.abspath(checkpoint), "patch_size": arch.patch_size,
+              "sampled": round(latent_token_border_ratio(sampled, arch.patch_size), 3),
+              "held_out": round(latent_token_border_ratio(torch.from_numpy(held_out), arch.patch_size), 3)}
+    print(f"{checkpoint}: latent step across token borders / inside tokens: sampled x{result['sampled']:.3f}, "
+          f"held-out x{result['held_out']:.3f}")
+    return result
 
 
 def main() -> int:
@@ -31,6 +74,8 @@ def main() -> int:
     parser.add_argument("--tile", type=int, default=128, help="tile side in pixels")
     parser.add_argument("--periods", type=int, nargs="+", default=[8, 16], help="line spacings to measure")
     parser.add_argument("--out", default="benchmarks/results/demo_seams.json")
+    parser.add_argument("--run", help="also measure the seams in this run's sampled latents (see above)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     result = {"command": "python benchmarks/bench_demo_seams.py " + " ".join(sys.argv[1:]), "grids": {}}
     for path in args.grids:
@@ -41,6 +86,8 @@ def main() -> int:
                                  **{f"texture_{p}px": round(r, 3) for p, r in texture.items()}}
         print(f"{path}: {len(tiles)} tiles; seams " + ", ".join(f"{p}-px lines x{r:.3f}" for p, r in ratios.items())
               + "; texture " + ", ".join(f"{p}-px repeat x{r:.2f}" for p, r in texture.items()))
+    if args.run:
+        result["latents"] = latent_seams(args.run, args.threads)
     write_results(args.out, result)
     return 0
 
