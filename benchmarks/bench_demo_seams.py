@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,19 +32,8 @@ from results_io import write_results  # noqa: E402
 from data_pipeline.images import block_seam_ratios, periodic_texture_ratios, read_image_grid  # noqa: E402
 
 
-def latent_token_border_ratio(latents: torch.Tensor, patch: int) -> float:
-    """Mean |step| between neighbouring latent pixels across token borders / inside tokens. ``latents`` (N, C, H, W);
-    a border lies between columns (rows) j and j+1 where j+1 is a multiple of ``patch``."""
-    across_columns = (latents[..., 1:] - latents[..., :-1]).abs().mean(dim=(0, 1, 2))  # (W-1,)
-    across_rows = (latents[..., 1:, :] - latents[..., :-1, :]).abs().mean(dim=(0, 1, 3))  # (H-1,)
-    steps = torch.cat([across_columns, across_rows])
-    position = torch.cat([torch.arange(1, latents.shape[-1]), torch.arange(1, latents.shape[-2])])
-    border = position % patch == 0
-    return float(steps[border].mean() / steps[~border].mean())
-
-
 def latent_seams(run: str, threads: int) -> dict:
-    from data_pipeline.val_split import read_samples
+    from data_pipeline.val_split import read_samples, recorded_val_dir
     from trainer.engine.objective import build_objective_from_config
     from trainer.monitor.sampling import sample_latents
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
@@ -57,12 +47,14 @@ def latent_seams(run: str, threads: int) -> dict:
                              per_class=s.per_class, latent_shape=shards.latent_shape, cfg_scale=s.cfg_scale,
                              steps=s.steps, method=s.method, seed=s.seed, device=torch.device("cpu"),
                              num_classes=arch.num_classes)  # (K * per_class, C, h, w): the trainer's final grid
-    validation = os.path.join(shards.directory, shards.manifest["validation"]["dir"]) \
-        if "validation" in shards.manifest else shards.directory
+    validation = recorded_val_dir(shards.directory, shards.manifest) or shards.directory
     _, held_out, _ = read_samples(validation, limit=256)  # (N, C, h, w)
+
+    def token_border_ratio(latents: np.ndarray) -> float:  # (N, C, h, w): the seam ratio on the token lines
+        return round(block_seam_ratios(latents.transpose(0, 2, 3, 1), (arch.patch_size,))[arch.patch_size], 3)
+
     result = {"checkpoint": os.path.abspath(checkpoint), "patch_size": arch.patch_size,
-              "sampled": round(latent_token_border_ratio(sampled, arch.patch_size), 3),
-              "held_out": round(latent_token_border_ratio(torch.from_numpy(held_out), arch.patch_size), 3)}
+              "sampled": token_border_ratio(sampled.numpy()), "held_out": token_border_ratio(held_out)}
     print(f"{checkpoint}: latent step across token borders / inside tokens: sampled x{result['sampled']:.3f}, "
           f"held-out x{result['held_out']:.3f}")
     return result

@@ -75,6 +75,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from data_pipeline.images import save_image_grid
+    from data_pipeline.val_split import recorded_val_dir
     from data_pipeline.vae import load_vae_from_manifest
     from trainer.engine.objective import build_objective_from_config
     from trainer.state.consolidate import load_ema_model, open_run_checkpoint
@@ -83,8 +84,7 @@ def main() -> int:
     model, arch = load_ema_model(checkpoint, input_size=shards.latent_shape[1], device=torch.device("cpu"))
     model.eval()
     objective = build_objective_from_config(cfg, arch.learn_sigma)
-    validation = os.path.join(shards.directory, shards.manifest["validation"]["dir"]) \
-        if "validation" in shards.manifest else shards.directory
+    validation = recorded_val_dir(shards.directory, shards.manifest) or shards.directory
     x0, labels = held_out_latents(validation, args.samples)
     generator = torch.Generator().manual_seed(0)
     rows, estimates = [], []

@@ -96,9 +96,10 @@ def block_seam_ratios(images: np.ndarray, periods: Sequence[int] = (8,)) -> dict
 
     Why: a decoder that works per 8x8 latent block (the patch-PCA) draws seams on the 8-pixel lines, and a DiT
     whose tokens cover 2x2 latents draws them on the 16-pixel lines until it has learned to join its tokens;
-    natural photos and seamless images score about 1.0. ``images``: (N, H, W, 3) uint8.
+    natural photos and seamless images score about 1.0. ``images``: (N, H, W, C), uint8 pixels or float latents
+    moved channels-last (bench_demo_seams.py --run measures the token lines in the DiT's latents).
     """
-    pixels = images.astype(np.float64)  # (N, H, W, 3)
+    pixels = images.astype(np.float64)  # (N, H, W, C)
     across_rows = np.abs(np.diff(pixels, axis=1)).mean(axis=(0, 2, 3))  # (H-1,): step between rows i and i+1
     across_columns = np.abs(np.diff(pixels, axis=2)).mean(axis=(0, 1, 3))  # (W-1,)
     steps = np.concatenate([across_rows, across_columns])
