@@ -1,4 +1,5 @@
 """Config loading, overrides, validation messages, DeepSpeed config filling, topology checks."""
+import dataclasses
 import json
 
 import pytest
@@ -30,6 +31,30 @@ def test_tiny_config_loads_with_overrides():
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=None) as exc:
         load_config("configs/tiny.yaml", [override])
+    assert needle in str(exc.value)
+
+
+def test_stage_overrides_name_an_existing_stage_by_index():
+    """What the long demo (README) and a Slurm OVERRIDES line rely on: one stage's keys changed, the others kept."""
+    cfg = load_config("configs/demo.yaml", ["stages.0.steps=1800", "stages.1.steps=900", "stages.1.lr=2.5e-4"])
+    base = load_config("configs/demo.yaml")
+    assert [(s.resolution, s.steps, s.lr, s.global_batch) for s in cfg.stages] == [
+        (64, 1800, None, None), (128, 900, 2.5e-4, base.stages[1].global_batch)]
+    assert [s.steps for s in resolve_stages(cfg)] == [1800, 900]
+    assert dataclasses.replace(cfg, stages=base.stages) == base  # nothing outside the stages moved
+
+
+@pytest.mark.parametrize("config,override,needle", [
+    ("configs/demo.yaml", "stages.2.steps=1", "'stages' has 2 entries (0..1), no entry 2"),
+    ("configs/demo.yaml", "stages.last.steps=1", "'stages' is a list; name an entry by its index (0..1)"),
+    ("configs/demo.yaml", "stages.0.stepz=1", "unknown config key 'stages[0].stepz'"),
+    ("configs/demo.yaml", "stages.1=5", "config section 'stages[1]' must be a mapping"),
+    ("configs/tiny.yaml", "stages.0.steps=5", "'stages' is not set in the config, so it has no entry 0"),
+    ("configs/tiny.yaml", "train.lr.x=1", "'train.lr' is not a section"),
+])
+def test_bad_list_overrides_name_the_entry(config, override, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(config, [override])
     assert needle in str(exc.value)
 
 

@@ -291,22 +291,46 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _list_index(dotted: str, path: str, items: list, part: str) -> int:
+    """The entry ``part`` names in the list at ``path`` (``stages.1.steps``: entry 1 of ``stages``); only existing
+    entries can be overridden, so a typo cannot append a stage."""
+    if not part.isdigit():
+        raise ConfigError(f"override '{dotted}': '{path}' is a list; name an entry by its index "
+                          f"(0..{len(items) - 1}), e.g. {path}.0")
+    if int(part) >= len(items):
+        raise ConfigError(f"override '{dotted}': '{path}' has {len(items)} entries (0..{len(items) - 1}), "
+                          f"no entry {part}")
+    return int(part)
+
+
 def _set_dotted(tree: dict, dotted: str, raw_value: str) -> None:
+    """Set ``a.b.c=value`` in the raw YAML tree; a number after a list names its entry (``stages.1.steps=900``:
+    the second stage's steps), so a stage can be changed from the command line or a Slurm OVERRIDES line."""
     parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node: dict | list = tree
+    for depth, part in enumerate(parts[:-1]):
+        path = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            nxt = node[_list_index(dotted, ".".join(parts[:depth]), node, part)]
+        else:
+            nxt = node.get(part)
+            if nxt is None and parts[depth + 1].isdigit():
+                raise ConfigError(f"override '{dotted}': '{path}' is not set in the config, so it has no entry "
+                                  f"{parts[depth + 1]}")
+            if nxt is None:
+                nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"override '{dotted}': '{path}' is not a section")
         node = nxt
     # YAML parsing gives ints/floats/bools/lists their natural types; _coerce checks them.
     try:
         value = yaml.safe_load(raw_value) if raw_value != "" else ""
     except yaml.YAMLError:
         value = raw_value
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[_list_index(dotted, ".".join(parts[:-1]), node, parts[-1])] = value
+    else:
+        node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
